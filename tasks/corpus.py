@@ -1,0 +1,256 @@
+"""Corpora and deterministic tokenisation into fixed-length contexts (stage `tokens`).
+
+The default corpus, `builtin:python-docs`, is English documentation prose that every install of this project
+already holds: Python's reference topics (`pydoc_data`), then the docstrings of the standard library, numpy and
+torch (pinned versions, so the text is fixed): about 2.3M SmolLM2 tokens with no download. Real runs point
+`source` at local FineWeb-style shards (.parquet / .jsonl), plain .txt, or a `datasets` save_to_disk folder.
+"""
+
+import ast
+import importlib.metadata
+import importlib.util
+import json
+import platform
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from transformers import PreTrainedTokenizerBase
+
+from storage.errors import UserInputError
+from storage.hashing import config_hash
+from storage.store import Dataset
+from tasks.config import CorpusConfig, ModelConfig
+from tasks.orchestration import stage_task
+
+STAGE = "tokens"
+STAGE_VERSION = 1
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+BUILTIN = "builtin:python-docs"
+DOCSTRING_PACKAGES = ("numpy", "torch")  # after the standard library, in this order
+MIN_DOCSTRING_CHARS = 40  # shorter ones are mostly "Return self." boilerplate
+
+
+def _docstrings(root: Path, skip: tuple[str, ...] = ()) -> Iterator[str]:
+    """Module, class and function docstrings of every .py file under `root`, files in sorted order."""
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if parts[0] in skip or "test" in parts or "tests" in parts:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few stdlib/test fixtures are deliberately broken; they are not prose
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= MIN_DOCSTRING_CHARS:
+                    yield doc
+
+
+def _python_docs() -> Iterator[str]:
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield topics[key]
+    yield from _docstrings(Path(sysconfig.get_paths()["stdlib"]), skip=("site-packages", "idlelib", "turtledemo"))
+    for pkg in DOCSTRING_PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        if spec is not None and spec.submodule_search_locations:
+            yield from _docstrings(Path(next(iter(spec.submodule_search_locations))))
+
+
+def corpus_identity(cfg: CorpusConfig) -> str:
+    """What the built-in corpus's text depends on (part of the tokens cache key); the path for files."""
+    if cfg.source != BUILTIN:
+        return str(Path(cfg.source).expanduser().resolve())
+    versions = [f"{p}-{importlib.metadata.version(p)}" for p in DOCSTRING_PACKAGES]
+    return ",".join([f"python-{platform.python_version()}", *versions])
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserInputError(
+            "corpus.source", f"{path} is not UTF-8 text (byte {exc.start})", "re-encode the file as UTF-8"
+        ) from None
+
+
+def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+    if path.suffix == ".txt":
+        yield _read_text(path)
+    elif path.suffix == ".jsonl":
+        for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserInputError("corpus.source", f"{path}:{lineno} is not JSON", "fix that line") from None
+            if text_field not in row:
+                raise UserInputError(
+                    "corpus.text_field", f"{path}:{lineno} has no key {text_field!r}", "set corpus.text_field"
+                )
+            yield row[text_field]
+    elif path.suffix == ".parquet":
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise UserInputError(
+                "corpus.text_field",
+                f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)})",
+                "set corpus.text_field to the text column",
+            )
+        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+            yield from (t for t in batch.column(0).to_pylist() if t)
+
+
+def _saved_dataset_documents(path: Path, text_field: str) -> Iterator[str]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else ds[sorted(ds)[0]]
+    if text_field not in ds.column_names:
+        raise UserInputError(
+            "corpus.text_field", f"{path} has no column {text_field!r}", "set corpus.text_field to the text column"
+        )
+    for row in ds.select_columns([text_field]):
+        if row[text_field]:
+            yield row[text_field]
+
+
+def check_source(cfg: CorpusConfig) -> None:
+    """Fail fast, before anything is written, on a source that cannot be read."""
+    if cfg.source == BUILTIN:
+        return
+    if cfg.source.startswith("builtin:"):
+        raise UserInputError("corpus.source", f"unknown built-in corpus {cfg.source!r}", f"use {BUILTIN} or a path")
+    path = Path(cfg.source).expanduser()
+    if not path.exists():
+        raise UserInputError("corpus.source", f"{path} does not exist", "point corpus.source at a file or folder")
+    if path.is_file() and path.suffix not in SUFFIXES:
+        raise UserInputError("corpus.source", f"{path} has an unsupported suffix", f"use one of {', '.join(SUFFIXES)}")
+
+
+def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
+    """Documents of the corpus, lazily and in a fixed order (files sorted by path)."""
+    check_source(cfg)
+    if cfg.source == BUILTIN:
+        yield from _python_docs()
+        return
+    path = Path(cfg.source).expanduser()
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        yield from _saved_dataset_documents(path, cfg.text_field)
+        return
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES)
+    for f in files:
+        yield from _file_documents(f, cfg.text_field)
+
+
+def tokenize_contexts(tokenizer: PreTrainedTokenizerBase, cfg: CorpusConfig) -> np.ndarray:
+    """Token ids [n_contexts, context_length]: BOS then context_length-1 tokens of the document stream.
+
+    Documents are joined with EOS in between, so a context may span a document boundary (as in SAE training
+    corpora). n_contexts = ceil(n_tokens / context_length). Deterministic for a given tokenizer and corpus.
+    """
+    n_contexts = -(-cfg.n_tokens // cfg.context_length)
+    body = cfg.context_length - 1
+    need = n_contexts * body
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for doc in iter_documents(cfg):
+        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        stream.append(eos)
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise UserInputError(
+            "corpus.n_tokens",
+            f"{cfg.n_tokens} tokens asked but the corpus {cfg.source} holds only {len(stream)}",
+            f"lower corpus.n_tokens to at most {len(stream)} or add text",
+        )
+    ids = np.asarray(stream[:need], dtype=np.int32).reshape(n_contexts, body)
+    return np.concatenate([np.full((n_contexts, 1), bos, dtype=np.int32), ids], axis=1)
+
+
+def token_strings(tokenizer: PreTrainedTokenizerBase, ids: np.ndarray) -> dict[int, str]:
+    """Readable text of each distinct id in `ids` (decoded one by one, so byte-level BPE reads naturally)."""
+    return {int(i): tokenizer.decode([int(i)]) for i in np.unique(ids)}
+
+
+def write_tokens(tokenizer: PreTrainedTokenizerBase, cfg: CorpusConfig, out: Dataset, contexts_per_shard: int) -> dict:
+    """Tokenise the corpus and write table `tokens` (context_id, position, token_id, token) in shards.
+
+    Shard i holds contexts [i*contexts_per_shard, (i+1)*contexts_per_shard); the activation cache aligns its
+    own shards with these, so both resume at the same boundaries.
+    """
+    if out.is_complete():
+        return out.summary()
+    ids = tokenize_contexts(tokenizer, cfg)  # [n_contexts, L]; raises before anything is written
+    n_ctx, length = ids.shape
+    text = token_strings(tokenizer, ids)
+    out.create({"stage": STAGE, "version": STAGE_VERSION, "config": cfg.model_dump()})
+    n_shards = -(-n_ctx // contexts_per_shard)
+    for shard in range(n_shards):
+        if out.shard_done(shard):
+            continue
+        block = ids[shard * contexts_per_shard : (shard + 1) * contexts_per_shard]  # [c, L]
+        c = block.shape[0]
+        context_id = np.repeat(np.arange(shard * contexts_per_shard, shard * contexts_per_shard + c), length)
+        flat = block.reshape(-1)
+        table = pa.table(
+            {
+                "context_id": pa.array(context_id, pa.int64()),
+                "position": pa.array(np.tile(np.arange(length, dtype=np.int32), c)),
+                "token_id": pa.array(flat),
+                "token": pa.array([text[int(t)] for t in flat], pa.string()),
+            }
+        )
+        out.write_shard(shard, table)
+    summary = {"contexts": int(n_ctx), "context_length": int(length), "tokens": int(n_ctx * length), "shards": n_shards}
+    out.mark_complete(summary)
+    return summary
+
+
+def read_token_shard(path: Path, context_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(context_ids [c], token_ids [c, L]) of one `tokens` shard."""
+    t = pq.read_table(path, columns=["context_id", "token_id"])
+    ids = t.column("token_id").to_numpy().reshape(-1, context_length)
+    return t.column("context_id").to_numpy()[::context_length], ids
+
+
+def tokens_key(cfg: CorpusConfig, model_identity: str, contexts_per_shard: int) -> str:
+    """Dataset key of a tokenised corpus: tokenizer (via the model identity), corpus text, shard size."""
+    return config_hash(
+        STAGE,
+        STAGE_VERSION,
+        {
+            "model": model_identity,
+            "corpus": cfg.model_dump(),
+            "text": corpus_identity(cfg),
+            "contexts_per_shard": contexts_per_shard,
+        },
+    )
+
+
+def tokens_dataset(home: str, key: str) -> Dataset:
+    return Dataset(Path(home), STAGE, key)
+
+
+@stage_task("tokenize-corpus", output=lambda p: tokens_dataset(p["home"], p["key"]))
+def tokenize_corpus(home: str, key: str, model: ModelConfig, corpus: CorpusConfig, contexts_per_shard: int) -> dict:
+    """Tokenise the corpus with the model's tokenizer into table `tokens`."""
+    from transformers import AutoTokenizer
+
+    from tasks.models import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(model).source)
+    summary = write_tokens(tokenizer, corpus, tokens_dataset(home, key), contexts_per_shard)
+    return {"path": str(tokens_dataset(home, key).path), **summary}

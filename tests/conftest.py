@@ -1,0 +1,53 @@
+"""Shared fixtures: an isolated Prefect home and store per session, tiny models, tiny corpora, config factories."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect: a private Prefect home (its ephemeral API DB), quiet telemetry, and no hub.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="selfexplain-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("SELFEXPLAIN_HOME", None)
+
+import pytest  # noqa: E402
+
+from tasks.config import CacheConfig, CacheRecipe, CorpusConfig, ModelConfig  # noqa: E402
+
+PROSE = (
+    "The quick brown fox jumps over the lazy dog. Residual streams carry information between layers. "
+    "A sparse autoencoder decomposes activations into features. Paris is the capital of France. "
+)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """An empty store root."""
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    """A small plain-text corpus (about 6k byte tokens)."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(PROSE * 20)
+    return path
+
+
+def make_recipe(home: Path, corpus: Path | str, **sections: dict) -> CacheRecipe:
+    """A cache recipe on tiny-llama (4 layers, d=64) over `corpus`; `sections` override fields per section."""
+    model = {"name": "tiny-llama", "autocast": "none", **sections.get("model", {})}
+    corpus_cfg = {"source": str(corpus), "n_tokens": 2048, "context_length": 32, **sections.get("corpus", {})}
+    cache = {"layers": [1, 3], "batch_size": 4, "contexts_per_shard": 16, **sections.get("cache", {})}
+    return CacheRecipe(
+        home=str(home), model=ModelConfig(**model), corpus=CorpusConfig(**corpus_cfg), cache=CacheConfig(**cache)
+    )
+
+
+@pytest.fixture
+def recipe_factory(home: Path, text_file: Path):
+    """Build tiny cache recipes: recipe_factory(cache={"layers": [0]})."""
+    return lambda **sections: make_recipe(home, text_file, **sections)
