@@ -9,7 +9,7 @@ import csv
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 # Quiet, offline-friendly Prefect defaults; a user's own settings win.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -30,8 +30,9 @@ def _format_value(v: Any) -> str:
     return "NULL" if v is None else str(v)
 
 
-def print_rows(columns: list[str], rows: list[tuple], fmt: str, out=sys.stdout) -> None:
+def print_rows(columns: list[str], rows: list[tuple], fmt: str, out: TextIO | None = None) -> None:
     """Print query results as an aligned table, CSV or JSON (a list of objects)."""
+    out = out or sys.stdout
     if fmt == "csv":
         w = csv.writer(out)
         w.writerow(columns)

@@ -166,8 +166,10 @@ def tokenize_contexts(tokenizer: PreTrainedTokenizerBase, cfg: CorpusConfig) -> 
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for doc in iter_documents(cfg):
-        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        stream.append(eos)
+        doc_ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if doc_ids:  # an empty document adds nothing, not even its separator
+            stream.extend(doc_ids)
+            stream.append(eos)
         if len(stream) >= need:
             break
     if len(stream) < need:

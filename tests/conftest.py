@@ -9,6 +9,7 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="selfexplain-tests-"))
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # its INFO lines at exit hit pytest's closed capture
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("SELFEXPLAIN_HOME", None)
@@ -37,10 +38,10 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
-def make_recipe(home: Path, corpus: Path | str, **sections: dict) -> CacheRecipe:
+def make_recipe(home: Path, source: Path | str, **sections: dict) -> CacheRecipe:
     """A cache recipe on tiny-llama (4 layers, d=64) over `corpus`; `sections` override fields per section."""
     model = {"name": "tiny-llama", "autocast": "none", **sections.get("model", {})}
-    corpus_cfg = {"source": str(corpus), "n_tokens": 2048, "context_length": 32, **sections.get("corpus", {})}
+    corpus_cfg = {"source": str(source), "n_tokens": 2048, "context_length": 32, **sections.get("corpus", {})}
     cache = {"layers": [1, 3], "batch_size": 4, "contexts_per_shard": 16, **sections.get("cache", {})}
     return CacheRecipe(
         home=str(home), model=ModelConfig(**model), corpus=CorpusConfig(**corpus_cfg), cache=CacheConfig(**cache)
@@ -51,3 +52,12 @@ def make_recipe(home: Path, corpus: Path | str, **sections: dict) -> CacheRecipe
 def recipe_factory(home: Path, text_file: Path):
     """Build tiny cache recipes: recipe_factory(cache={"layers": [0]})."""
     return lambda **sections: make_recipe(home, text_file, **sections)
+
+
+@pytest.fixture(scope="session")
+def cli_env() -> dict[str, str]:
+    """Environment for `selfexplain` subprocesses: their own Prefect home (SQLite is not shared with the
+    in-process ephemeral API of the test session)."""
+    env = dict(os.environ)
+    env["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-cli")
+    return env

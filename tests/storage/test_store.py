@@ -36,7 +36,9 @@ def test_write_shard_is_atomic_and_manifested(home):
     assert row["rows"] == 10 and row["sha256"] == file_sha256(str(ds.shard_path(0)))
     assert [p.name for p in ds.path.iterdir() if p.name.startswith(".")] == []  # no temp file left
     back = pq.read_table(ds.shard_path(0))
-    np.testing.assert_array_equal(back.column("activation").combine_chunks().flatten().to_numpy(), np.arange(40, dtype=np.float32) / 7)
+    np.testing.assert_array_equal(
+        back.column("activation").combine_chunks().flatten().to_numpy(), np.arange(40, dtype=np.float32) / 7
+    )
 
 
 def test_parquet_is_zstd_and_floats_are_not_dictionary_encoded(home):

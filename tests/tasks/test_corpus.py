@@ -1,0 +1,102 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from storage.errors import UserInputError
+from storage.store import Dataset
+from tasks import corpus, models
+from tasks.config import CorpusConfig, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return models.byte_tokenizer()
+
+
+def test_contexts_start_with_bos_and_are_deterministic(tokenizer, text_file):
+    cfg = CorpusConfig(source=str(text_file), n_tokens=100, context_length=16)
+    ids = corpus.tokenize_contexts(tokenizer, cfg)
+    assert ids.shape == (7, 16)  # ceil(100 / 16)
+    assert (ids[:, 0] == tokenizer.bos_token_id).all()
+    text = tokenizer.decode(ids[:2, 1:].reshape(-1))
+    assert text_file.read_text().startswith(text)  # contexts continue the text without gaps
+    np.testing.assert_array_equal(ids, corpus.tokenize_contexts(tokenizer, cfg))
+
+
+def test_jsonl_parquet_and_saved_dataset_give_the_same_contexts(tokenizer, tmp_path):
+    docs = ["First document about layers.", "Second one, about features and circuits."] * 10
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs))
+    pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet")
+    import datasets
+
+    datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "saved"))
+    results = [
+        corpus.tokenize_contexts(tokenizer, CorpusConfig(source=str(tmp_path / name), text_field="body", n_tokens=300))
+        for name in ("c.jsonl", "c.parquet", "saved")
+    ]
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
+    # documents are separated by EOS
+    assert tokenizer.eos_token_id in results[0]
+
+
+def test_folder_of_txt_files_reads_in_sorted_order(tokenizer, tmp_path):
+    (tmp_path / "b.txt").write_text("BBBB")
+    (tmp_path / "a.txt").write_text("AAAA")
+    ids = corpus.tokenize_contexts(tokenizer, CorpusConfig(source=str(tmp_path), n_tokens=9, context_length=9))
+    assert tokenizer.decode(ids[0, 1:]).replace(tokenizer.eos_token, "|") == "AAAA|BBB"
+
+
+@pytest.mark.parametrize(
+    "name, content, field, problem",
+    [
+        ("none.txt", None, "corpus.source", "does not exist"),
+        ("x.csv", b"a,b", "corpus.source", "unsupported suffix"),
+        ("x.txt", b"ok \xff\xfe", "corpus.source", "not UTF-8"),
+        ("x.txt", b"tiny", "corpus.n_tokens", "holds only"),
+        ("e.txt", b"", "corpus.n_tokens", "holds only 0"),
+        ("x.jsonl", b'{"content": "a"}\n', "corpus.text_field", "has no key 'text'"),
+        ("x.jsonl", b"{broken\n", "corpus.source", "is not JSON"),
+    ],
+)
+def test_bad_corpora_name_field_and_fix(tokenizer, tmp_path, name, content, field, problem):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserInputError) as err:
+        corpus.tokenize_contexts(tokenizer, CorpusConfig(source=str(tmp_path / name), n_tokens=1000))
+    assert str(err.value).startswith(field) and problem in str(err.value)
+
+
+def test_write_tokens_shards_and_resumes(tokenizer, text_file, home):
+    cfg = CorpusConfig(source=str(text_file), n_tokens=640, context_length=32)
+    out = Dataset(home, "tokens", "k")
+    summary = corpus.write_tokens(tokenizer, cfg, out, contexts_per_shard=8)
+    assert summary == {"contexts": 20, "context_length": 32, "tokens": 640, "shards": 3}
+    table = pq.read_table(out.shard_path(2))
+    assert table.num_rows == 4 * 32 and table.column("context_id").to_pylist()[0] == 16
+    assert "".join(table.column("token").to_pylist()[1:32]) == tokenizer.decode(
+        table.column("token_id").to_pylist()[1:32]
+    )
+    ctx, ids = corpus.read_token_shard(out.shard_path(1), 32)
+    assert ctx.tolist() == list(range(8, 16)) and ids.shape == (8, 32)
+
+
+def test_tokens_key_tracks_tokenizer_and_corpus():
+    cfg = CorpusConfig()
+    assert corpus.tokens_key(cfg, "m@1", 64) != corpus.tokens_key(cfg, "m@2", 64)
+    assert corpus.tokens_key(cfg, "m@1", 64) != corpus.tokens_key(cfg.model_copy(update={"n_tokens": 5}), "m@1", 64)
+    assert "python-" in corpus.corpus_identity(cfg) and "torch-" in corpus.corpus_identity(cfg)
+
+
+@pytest.mark.integration
+def test_builtin_corpus_holds_a_million_smollm2_tokens():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models.resolve(ModelConfig()).source)
+    ids = corpus.tokenize_contexts(tok, CorpusConfig(n_tokens=1_000_000, context_length=1024))
+    assert ids.size >= 1_000_000
+    text = tok.decode(ids[500, 1:200])
+    assert sum(c.isalpha() for c in text) > 0.5 * len(text)  # prose, not binary junk
