@@ -29,7 +29,7 @@ test: lint
 demo: $(STAMP)
 	.venv/bin/selfexplain run cache-activations -c recipes/cache_smollm2.yaml
 	.venv/bin/selfexplain sql "select layer, count(*) as n, count(distinct context_id) as contexts, \
-	  round(avg(sqrt(list_sum(list_transform(activation, x -> x * x)))), 3) as mean_norm \
+	  round(avg(sqrt(list_dot_product(activation, activation))), 2) as mean_norm \
 	  from activations group by layer order by layer"
 
 bench: $(STAMP)

@@ -67,7 +67,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
-    """Write `table` to `path` atomically: zstd, dictionary encoding only for non-float columns."""
+    """Write `table` to `path` atomically: zstd; dictionary encoding and min/max statistics only for non-float
+    columns (float vectors gain nothing from either, and their statistics cost more than the compression)."""
 
     def is_float(t: pa.DataType) -> bool:
         while pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
@@ -76,7 +77,9 @@ def write_parquet(table: pa.Table, path: Path) -> None:
 
     dict_cols = [f.name for f in table.schema if not is_float(f.type)]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", use_dictionary=dict_cols, row_group_size=64 * 1024)
+    pq.write_table(
+        table, tmp, compression="zstd", use_dictionary=dict_cols, write_statistics=dict_cols, row_group_size=64 * 1024
+    )
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

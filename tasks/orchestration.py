@@ -35,15 +35,15 @@ def stage_task(name: str, output: Callable[[dict[str, Any]], Dataset], **options
         dataset = output(parameters)
         return f"{name}-{dataset.key}-{store_id(dataset.root)}"
 
-    return task(
-        name=name,
-        cache_key_fn=cache_key,
-        persist_result=True,
-        retries=RETRIES,
-        retry_delay_seconds=exponential_backoff(backoff_factor=2),
-        retry_condition_fn=retry_transient,
-        **options,
-    )
+    settings: dict[str, Any] = {
+        "name": name,
+        "cache_key_fn": cache_key,
+        "persist_result": True,
+        "retries": RETRIES,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+        "retry_condition_fn": retry_transient,
+    }
+    return task(**{**settings, **options})
 
 
 @task(name="refresh-catalog", retries=RETRIES, retry_delay_seconds=[1, 4, 16], retry_condition_fn=retry_transient)

@@ -1,0 +1,173 @@
+"""Benchmark the activation cache: tokens/s of our cache beside a bare forward pass and SAELens' runner.
+
+All three run in one process on the same model, runtime (device, dtype, autocast) and token contexts, in
+alternation (A B C A B C ...), and the medians are compared:
+
+  cache      tasks.activations.write_activations: forward to the deepest layer + Parquet shards + manifest
+  forward    the bare HF forward pass of the whole model (all layers, LM head), what a user would time first
+  depth      the same forward stopped after the deepest cached block, nothing stored: cache / depth is the
+             price of storage (Parquet, checksums, manifest)
+  saelens    sae_lens.CacheActivationsRunner (model_class_name=AutoModelForCausalLM on the same local folder,
+             which SAELens wraps in HookedProxyLM). It caches one hook per run, so the figure for L layers is
+             L runs. SAELens stops the forward at the hooked layer too (`stop_at_layer`).
+
+The agreement check compares our stored vectors with SAELens' for the same tokens. Ends with one line per
+figure: `RESULT <name> <value> goal <goal>`.
+
+    .venv/bin/python bench/activations.py [--quick]
+"""
+
+import argparse
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from storage.store import Dataset  # noqa: E402
+from tasks import corpus, models  # noqa: E402
+from tasks.activations import residual_stream, write_activations  # noqa: E402
+from tasks.config import CacheConfig, CorpusConfig, ModelConfig  # noqa: E402
+
+
+def bench_cache(lm, cfg: CacheConfig, tokens: Dataset, root: Path, round_: int) -> float:
+    out = Dataset(root, "activations", f"bench-{round_}")
+    t0 = time.perf_counter()
+    write_activations(lm, cfg, tokens, out)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def bench_forward(lm, ids: np.ndarray, batch_size: int) -> float:
+    t0 = time.perf_counter()
+    for start in range(0, len(ids), batch_size):
+        batch = torch.tensor(ids[start : start + batch_size], dtype=torch.long, device=lm.runtime.device)
+        with lm.runtime.autocast_context():
+            lm.model(input_ids=batch, use_cache=False)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def bench_depth(lm, ids: np.ndarray, batch_size: int, layers: list[int]) -> float:
+    t0 = time.perf_counter()
+    for start in range(0, len(ids), batch_size):
+        residual_stream(lm, torch.tensor(ids[start : start + batch_size], dtype=torch.long), layers)
+    return time.perf_counter() - t0
+
+
+def saelens_runners(lm, ids: np.ndarray, layers: list[int], batch_size: int, root: Path):
+    """One SAELens runner per layer (it caches a single hook per run); model loading happens here, untimed."""
+    import datasets
+    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
+
+    logging.getLogger("sae_lens").setLevel(logging.WARNING)
+    ds = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    runners = []
+    for layer in layers:
+        cfg = CacheActivationsRunnerConfig(
+            dataset_path="(in-memory)",
+            model_name=lm.resolved.source,
+            model_class_name="AutoModelForCausalLM",
+            hook_name=f"model.layers.{layer}",
+            d_in=lm.d_model,
+            training_tokens=ids.size,
+            context_size=ids.shape[1],
+            model_batch_size=batch_size,
+            new_cached_activations_path=str(root / f"saelens-{layer}"),
+            shuffle=False,
+            dtype="float16",
+            device=str(lm.runtime.device),
+            prepend_bos=False,  # our contexts already start with BOS
+            autocast_lm=lm.runtime.autocast is not None,
+            streaming=False,
+            # Its default 2 GB buffer would cycle our small dataset to fill it; use our shard size instead.
+            buffer_size_gb=(64 * ids.shape[1] * lm.d_model * 2 + 1) / 1e9,
+        )
+        runners.append(CacheActivationsRunner(cfg, override_dataset=ds))
+    return runners
+
+
+def bench_saelens(runners) -> tuple[float, list]:
+    t0 = time.perf_counter()
+    outputs = []
+    for r in runners:
+        path = Path(r.cfg.new_cached_activations_path)
+        shutil.rmtree(path, ignore_errors=True)
+        outputs.append(r.run())
+    return time.perf_counter() - t0, outputs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--contexts", type=int, default=256)
+    p.add_argument("--context-length", type=int, default=128)
+    p.add_argument("--layers", type=int, nargs="+", default=[3, 15])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="64 contexts, 2 rounds")
+    args = p.parse_args()
+    if args.quick:
+        args.contexts, args.rounds = 64, 2
+
+    torch.manual_seed(0)
+    lm = models.load(ModelConfig(name=args.model))
+    root = Path(tempfile.mkdtemp(prefix="selfexplain-bench-"))
+    n_tokens = args.contexts * args.context_length
+    corpus_cfg = CorpusConfig(n_tokens=n_tokens, context_length=args.context_length)
+    cache_cfg = CacheConfig(layers=args.layers, batch_size=args.batch_size, contexts_per_shard=64, skip_first=1)
+    tokens = Dataset(root, "tokens", "bench")
+    corpus.write_tokens(lm.tokenizer, corpus_cfg, tokens, cache_cfg.contexts_per_shard)
+    ids = corpus.tokenize_contexts(lm.tokenizer, corpus_cfg)  # [contexts, L], the same token ids
+    runners = saelens_runners(lm, ids, args.layers, args.batch_size, root)
+    print(f"model {lm.resolved.identity}  runtime {lm.runtime.precision} on {lm.runtime.device}  "
+          f"{n_tokens} tokens x layers {args.layers}  threads {torch.get_num_threads()}", flush=True)  # fmt: skip
+
+    times: dict[str, list[float]] = {"cache": [], "forward": [], "depth": [], "saelens": []}
+    sae_outputs = None
+    for r in range(args.rounds):  # alternate, so drift in machine load hits all three alike
+        times["cache"].append(bench_cache(lm, cache_cfg, tokens, root, r))
+        times["forward"].append(bench_forward(lm, ids, args.batch_size))
+        times["depth"].append(bench_depth(lm, ids, args.batch_size, args.layers))
+        t, sae_outputs = bench_saelens(runners)
+        times["saelens"].append(t)
+        print(f"round {r}: " + "  ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+    tps = {k: n_tokens / statistics.median(v) for k, v in times.items()}
+
+    # Agreement: our stored vectors vs SAELens' for the same (context, position), deepest layer.
+    import duckdb
+
+    deepest = max(args.layers)
+    files = [str(f) for f in Dataset(root, "activations", "bench-0").shard_files()]
+    ours = (
+        duckdb.connect()
+        .execute(
+            f"select context_id, position, activation from read_parquet({files}) where layer = {deepest} "
+            "and context_id < 4 order by context_id, position"
+        )
+        .fetchnumpy()
+    )
+    theirs = np.asarray(sae_outputs[args.layers.index(deepest)][:4][f"model.layers.{deepest}"], dtype=np.float32)
+    ours_v = np.stack(ours["activation"]).astype(np.float32)
+    theirs_v = theirs[ours["context_id"], ours["position"]]
+    rel = float(np.abs(ours_v - theirs_v).max() / np.abs(theirs_v).max())
+    print(f"agreement: max |ours - saelens| / max |saelens| = {rel:.2e} over {len(ours_v)} vectors at layer {deepest}")
+
+    print("tokens/s  " + "  ".join(f"{k} {v:.0f}" for k, v in tps.items()))
+    print(f"RESULT cache_tokens_per_s {tps['cache']:.0f} goal none")
+    print(f"RESULT cache_vs_forward {tps['cache'] / tps['forward']:.2f} goal 0.9")
+    print(f"RESULT cache_vs_forward_to_depth {tps['cache'] / tps['depth']:.2f} goal 0.9")
+    print(f"RESULT cache_vs_saelens {tps['cache'] / tps['saelens']:.2f} goal 2.0")
+    print(f"RESULT agreement_rel_max_diff {rel:.2e} goal 1e-2")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
