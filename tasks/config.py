@@ -90,6 +90,74 @@ class CacheRecipe(StrictModel):
     cache: CacheConfig = Field(default_factory=CacheConfig, description="What is recorded.")
 
 
+class SAETrainConfig(StrictModel):
+    """How the SAE ground truth is obtained: trained here with sae-lens on the cache, or loaded."""
+
+    load_from: str | None = Field(
+        None,
+        description="Folder of pretrained sae-lens SAEs, one sub-folder per layer named 'layer_<l>' "
+        "(cfg.json + sae_weights.safetensors); null trains them here.",
+    )
+    expansion: int = Field(8, gt=0, description="d_sae = expansion x d_model.")
+    k: int = Field(32, gt=0, description="Active features per token (TopK SAE).")
+    lr: float = Field(4e-4, gt=0, description="Adam learning rate.")
+    batch_tokens: int = Field(4096, gt=0, description="Activation vectors per SAE training step.")
+    epochs: int = Field(3, gt=0, description="Passes over the cached activations of each layer.")
+    seed: int = Field(0, description="Seed of initialisation and shuffling.")
+    n_exemplars: int = Field(20, gt=0, description="Top-activating contexts kept per feature (the paper's top-20).")
+    min_exemplars: int = Field(
+        10, gt=0, description="Features with fewer distinct activating contexts are not labelled or used."
+    )
+
+
+class LabelConfig(StrictModel):
+    """Who writes the ground-truth descriptions of features."""
+
+    labeler: Literal["tokens", "llm"] = Field(
+        "tokens",
+        description="'tokens': deterministic, the token strings that most specifically activate the feature; "
+        "'llm': a prompted LM over the top exemplars.",
+    )
+    max_tokens: int = Field(3, gt=0, description="tokens labeler: at most this many token strings per label.")
+    llm_model: str | None = Field(
+        None, description="llm labeler: a registry name or HF folder, or 'openai:<model>' for an endpoint."
+    )
+    llm_base_url: str | None = Field(
+        None, description="llm labeler: OpenAI-compatible base URL (key from $OPENAI_API_KEY)."
+    )
+
+
+class ExplainerConfig(StrictModel):
+    """The continuous-token explainer and how it is trained."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Explainer initialisation.")
+    format: Literal["auto", "chat", "base"] = Field(
+        "auto",
+        description="Prompt format: chat template or the paper's raw base templates; auto picks chat "
+        "when the tokenizer has a chat template.",
+    )
+    projection: Literal["auto", "always"] = Field(
+        "auto", description="Per-target-layer projection: 'auto' only when widths differ, 'always' forces it."
+    )
+    vector_norm: Literal["embedding", "raw"] = Field(
+        "embedding",
+        description="'embedding': rescale the injected vector to the mean token-embedding norm (logged); "
+        "'raw': inject as stored (the reference's choice).",
+    )
+    finetune: Literal["lora", "full"] = Field("lora", description="LoRA via peft, or full fine-tuning.")
+    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate (constant, no warm-up).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(16, gt=0, description="Examples per step.")
+    epochs: int = Field(3, gt=0, description="Maximum passes over the training set (early stop on val loss).")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Training examples held out for early stopping.")
+    max_new_tokens: int = Field(20, gt=0, description="Greedy decoding length (the paper's 20 for features).")
+    seed: int = Field(0, description="Seed of shuffling, template sampling and initialisation.")
+    eval_batch_size: int = Field(32, gt=0, description="Prompts per batched greedy decode.")
+
+
 RECIPES: dict[str, type[StrictModel]] = {"cache-activations": CacheRecipe}
 
 

@@ -1,0 +1,445 @@
+"""The continuous-token explainer: an LM that reads a vector through a placeholder embedding and explains it.
+
+The prompt carries the span ``[s] [v] [e]`` (three special tokens). Before the decoder runs, the input
+embedding at the payload token ``[v]`` is *replaced* by u = Π_ℓ v (or v itself when the explainer and the
+target share a width), ℓ being the target layer the vector came from. The replacement builds a new tensor
+with torch.where, so it cannot be lost to an out-of-place op whose result is discarded (PAPER.md R7, R9).
+
+Convention (R10): what enters block 0 at the payload is u. Gemma multiplies token embeddings by √d inside
+its embedding module; inputs_embeds bypass that module, so u is not scaled again. With vector_norm
+'embedding' u is rescaled to the mean norm of the embedding module's outputs, so vectors of any source
+(unit SAE directions, raw activations, differences) arrive at the scale the model expects.
+
+Loss (R1-R4): prompt and answer are tokenised separately and concatenated; labels are -100 on the prompt;
+the answer ends with EOS (end of turn for chat explainers), which is trained on; the loss is the mean
+cross-entropy over answer tokens. Base templates end in a space: we move it onto the answer (R2), so the
+generation prefix equals the training prefix token for token.
+"""
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from storage.errors import UserInputError
+from tasks import models
+from tasks.config import ExplainerConfig
+
+SPAN_TOKENS = ("<|sx_begin|>", "<|sx_payload|>", "<|sx_end|>")
+SPAN = "".join(SPAN_TOKENS)
+STOP_STRINGS = (" [END]", "\n", ">>>.")
+CHAT_SYSTEM_PROMPT = "You are a helpful assistant that explains the internal features of language models."
+
+# PAPER.md §3.2: base templates, each ending in exactly one space; {feature} is the span, {layer} an integer.
+FEATURE_TEMPLATES_BASE = (
+    "At layer {layer}, {feature} encodes ",
+    "{feature} activates at layer {layer} for ",
+    "We can describe {feature} at layer {layer} as encoding ",
+    "Generate a description of this feature at layer {layer}: {feature}. ",
+    "What does {feature} encode at layer {layer}? ",
+    "{feature} activates at layer {layer} for inputs with the following features: ",
+)
+# Chat explainers: a user turn, then the label as the assistant turn.
+FEATURE_TEMPLATES_CHAT = (
+    "Generate a description of this feature at layer {layer}: {feature}.",
+    "What does {feature} encode at layer {layer}?",
+    "{feature} activates at layer {layer} for inputs with the following features:",
+)
+
+
+@dataclass(frozen=True)
+class Query:
+    """One question for the explainer: a vector from target layer `layer`, a user text, maybe an answer."""
+
+    vector: np.ndarray  # [d_target]
+    layer: int
+    text: str  # the question with SPAN inside (a rendered template)
+    answer: str | None = None  # the ground-truth explanation (training), None at inference
+    example_id: str = ""
+
+
+def feature_queries(
+    vectors: np.ndarray, layers: Sequence[int], labels: Sequence[str | None], ids: Sequence[str], chat: bool, seed: int
+) -> list[Query]:
+    """Feature-description queries, one template drawn per example with a seeded RNG (R5)."""
+    templates = FEATURE_TEMPLATES_CHAT if chat else FEATURE_TEMPLATES_BASE
+    rng = random.Random(seed)
+    out = []
+    for v, layer, label, ex in zip(vectors, layers, labels, ids, strict=True):
+        text = rng.choice(templates).format(feature=SPAN, layer=layer)
+        out.append(Query(np.asarray(v, dtype=np.float32), int(layer), text, label, ex))
+    return out
+
+
+class Explainer(nn.Module):
+    """An LM (possibly peft-wrapped) plus the projections Π_ℓ and the placeholder mechanism."""
+
+    def __init__(self, lm: models.LoadedModel, d_target: int, n_target_layers: int, cfg: ExplainerConfig) -> None:
+        super().__init__()
+        self.lm, self.cfg = lm, cfg
+        self.tokenizer = lm.tokenizer
+        self.chat = cfg.format == "chat" or (cfg.format == "auto" and lm.tokenizer.chat_template is not None)
+        self.d_target, self.n_target_layers = d_target, n_target_layers
+        self._add_span_tokens()
+        self.payload_id = self.tokenizer.convert_tokens_to_ids(SPAN_TOKENS[1])
+        d_e = lm.d_model
+        embed = lm.model.get_input_embeddings()
+        with torch.no_grad():
+            # Norm of what the embedding module emits (Gemma's √d scale included), over the original vocabulary.
+            sample = embed(torch.arange(min(4096, embed.num_embeddings - 3), device=embed.weight.device))
+            self.register_buffer("embedding_norm", sample.float().norm(dim=-1).mean(), persistent=False)
+        self.proj: nn.Parameter | None = None
+        if cfg.projection == "always" or d_e != d_target:
+            g = torch.Generator().manual_seed(cfg.seed)
+            # Π_ℓ ∈ R^{d_E x d_M}, one per target layer, random init (the paper's non-pretrained variant).
+            w = torch.randn(n_target_layers, d_e, d_target, generator=g) / d_target**0.5
+            self.proj = nn.Parameter(w.to(lm.runtime.device))
+        self.model = lm.model
+        if cfg.finetune == "lora":
+            self._wrap_lora()
+
+    # -- construction ---------------------------------------------------------------------------------------
+
+    def _add_span_tokens(self) -> None:
+        """Register [s] [v] [e] as special tokens; new embedding rows start at the mean embedding (§2.1)."""
+        missing = [t for t in SPAN_TOKENS if t not in self.tokenizer.get_vocab()]
+        if missing:
+            self.tokenizer.add_special_tokens({"additional_special_tokens": list(SPAN_TOKENS)})
+        n_vocab = len(self.tokenizer)
+        embed = self.lm.model.get_input_embeddings()
+        if embed.num_embeddings < n_vocab:
+            old = embed.num_embeddings
+            self.lm.model.resize_token_embeddings(n_vocab, mean_resizing=False)
+            with torch.no_grad():
+                weight = self.lm.model.get_input_embeddings().weight
+                weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+
+    def _wrap_lora(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        lora = LoraConfig(
+            r=self.cfg.lora_r,
+            lora_alpha=self.cfg.lora_alpha,
+            lora_dropout=self.cfg.lora_dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(self.lm.model, lora)
+
+    # -- the mechanism --------------------------------------------------------------------------------------
+
+    def inject(self, input_ids: torch.Tensor, vectors: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        """inputs_embeds [B, T, d_E]: token embeddings with the payload row replaced by u = Π_ℓ v.
+
+        input_ids [B, T]; vectors [B, d_M] (float32, as stored); layers [B] (target layer indices).
+        """
+        embeds = self.model.get_input_embeddings()(input_ids)  # [B, T, d_E]
+        is_payload = input_ids == self.payload_id  # [B, T]
+        counts = is_payload.sum(dim=1)
+        if not bool((counts == 1).all()):  # R12: exactly one payload per example after truncation
+            raise ValueError(f"each example needs exactly one payload token, got counts {counts.tolist()}")
+        u = vectors.to(device=embeds.device, dtype=torch.float32)  # [B, d_M]
+        if self.proj is not None:
+            u = torch.einsum("bed,bd->be", self.proj[layers.to(self.proj.device)].float(), u)  # [B, d_E]
+        if self.cfg.vector_norm == "embedding":
+            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.embedding_norm
+        return torch.where(is_payload.unsqueeze(-1), u.unsqueeze(1).to(embeds.dtype), embeds)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vectors: torch.Tensor,
+        layers: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> Any:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left or right padding alike
+        with self.lm.runtime.autocast_context():
+            return self.model(
+                inputs_embeds=self.inject(input_ids, vectors, layers),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                labels=labels,
+                use_cache=False,
+            )
+
+    # -- tokenisation ---------------------------------------------------------------------------------------
+
+    def prompt_ids(self, q: Query) -> list[int]:
+        """Token ids up to where the answer starts: identical at training and generation time (R2)."""
+        if self.chat:
+            messages = [{"role": "system", "content": CHAT_SYSTEM_PROMPT}, {"role": "user", "content": q.text}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(q.text.rstrip(" "), add_special_tokens=True)["input_ids"]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """The answer's ids plus EOS (R3); base answers carry the template's trailing space (R2)."""
+        text = answer.replace(self.tokenizer.eos_token, "").strip()
+        if not self.chat:
+            text = " " + text
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+
+    def training_example(self, q: Query) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) with labels -100 over the prompt: the loss mask is the answer span (R1)."""
+        if q.answer is None:
+            raise ValueError(f"query {q.example_id!r} has no answer to train on")
+        p, a = self.prompt_ids(q), self.answer_ids(q.answer)
+        return p + a, [-100] * len(p) + a
+
+    # -- batching -------------------------------------------------------------------------------------------
+
+    def collate(self, queries: Sequence[Query], train: bool) -> dict[str, torch.Tensor]:
+        """Pad a batch: right padding for training, left padding for generation (prompts end together)."""
+        pad = self.tokenizer.pad_token_id
+        if train:
+            pairs = [self.training_example(q) for q in queries]
+        else:
+            pairs = [(ids := self.prompt_ids(q), [-100] * len(ids)) for q in queries]
+        width = max(len(ids) for ids, _ in pairs)
+        ids_t = torch.full((len(pairs), width), pad, dtype=torch.long)
+        labels_t = torch.full((len(pairs), width), -100, dtype=torch.long)
+        mask_t = torch.zeros((len(pairs), width), dtype=torch.long)
+        for i, (ids, labels) in enumerate(pairs):
+            sl = slice(0, len(ids)) if train else slice(width - len(ids), width)
+            ids_t[i, sl], labels_t[i, sl], mask_t[i, sl] = torch.tensor(ids), torch.tensor(labels), 1
+        device = self.lm.runtime.device
+        return {
+            "input_ids": ids_t.to(device),
+            "attention_mask": mask_t.to(device),
+            "labels": labels_t.to(device),
+            "vectors": torch.from_numpy(np.stack([q.vector for q in queries])).to(device),
+            "layers": torch.tensor([q.layer for q in queries], dtype=torch.long, device=device),
+        }
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens (R4: padding does not change an example's weight)."""
+        out = self.forward(batch["input_ids"], batch["attention_mask"], batch["vectors"], batch["layers"])
+        logits = out.logits[:, :-1].float()  # [B, T-1, V] predicts tokens 1..T-1
+        targets = batch["labels"][:, 1:]
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+    # -- generation -----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self, queries: Sequence[Query], max_new_tokens: int, batch_size: int, use_cache: bool = True
+    ) -> list[str]:
+        """Greedy explanations, batched with a KV cache; the vector enters once, at prefill (§2.4)."""
+        self.model.eval()
+        order = sorted(range(len(queries)), key=lambda i: len(self.prompt_ids(queries[i])))
+        out: list[str] = [""] * len(queries)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            texts = self._generate_batch([queries[i] for i in idx], max_new_tokens, use_cache)
+            for i, t in zip(idx, texts, strict=True):
+                out[i] = t
+        return out
+
+    def _generate_batch(self, queries: Sequence[Query], max_new_tokens: int, use_cache: bool) -> list[str]:
+        b = self.collate(queries, train=False)
+        ids, mask = b["input_ids"], b["attention_mask"]  # [B, T] left-padded
+        eos = set(_as_list(self.lm.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
+        new = torch.empty((len(queries), 0), dtype=torch.long, device=ids.device)
+        done = torch.zeros(len(queries), dtype=torch.bool, device=ids.device)
+        past = None
+        for step in range(max_new_tokens):
+            with self.lm.runtime.autocast_context():
+                if past is None or not use_cache:
+                    full_ids = torch.cat([ids, new], dim=1)
+                    full_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+                    out = self.model(
+                        inputs_embeds=self.inject(full_ids, b["vectors"], b["layers"]),
+                        attention_mask=full_mask,
+                        position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0),
+                        use_cache=use_cache,
+                        logits_to_keep=1,
+                    )
+                else:  # decode step: only the new token, the payload already sits in the cache
+                    full_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+                    out = self.model(
+                        input_ids=new[:, -1:],
+                        attention_mask=full_mask,
+                        position_ids=full_mask.sum(-1, keepdim=True) - 1,
+                        past_key_values=past,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+            past = out.past_key_values if use_cache else None
+            token = out.logits[:, -1].argmax(dim=-1)  # [B]
+            token = torch.where(done, torch.full_like(token, self.tokenizer.pad_token_id), token)
+            new = torch.cat([new, token[:, None]], dim=1)
+            done |= torch.tensor([t in eos for t in token.tolist()], device=done.device)
+            if step % 4 == 3 or bool(done.all()):  # stop strings, checked on decoded text now and then
+                done |= torch.tensor([_stopped(self._decode(row)) for row in new], device=done.device)
+            if bool(done.all()):
+                break
+        return [_cut(self._decode(row)) for row in new]
+
+    def _decode(self, row: torch.Tensor) -> str:
+        eos = set(_as_list(self.lm.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
+        ids = row.tolist()
+        for i, t in enumerate(ids):
+            if t in eos:
+                ids = ids[:i]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
+        """Weights (LoRA adapter or full model), tokenizer with span tokens, Π, and the config."""
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path / "model")
+        self.tokenizer.save_pretrained(path / "model")
+        if self.proj is not None:
+            save_file({"proj": self.proj.detach().cpu().contiguous()}, str(path / "projection.safetensors"))
+        meta = {
+            "config": self.cfg.model_dump(),
+            "d_target": self.d_target,
+            "n_target_layers": self.n_target_layers,
+            "base": self.lm.resolved.identity,
+            "chat": self.chat,
+            **(extra or {}),
+        }
+        (path / "explainer.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, path: Path, device_override: str | None = None) -> "Explainer":
+        """Rebuild an explainer saved with `save`."""
+        meta = json.loads((path / "explainer.json").read_text())
+        cfg = ExplainerConfig.model_validate(meta["config"])
+        if device_override:
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device_override})})
+        if cfg.finetune == "full":
+            model_cfg = cfg.model.model_copy(update={"name": str(path / "model")})
+            lm = models.load(model_cfg)
+            explainer = cls(lm, meta["d_target"], meta["n_target_layers"], cfg)
+        else:
+            from peft import PeftModel
+
+            lm = models.load(cfg.model)
+            explainer = cls(lm, meta["d_target"], meta["n_target_layers"], cfg.model_copy(update={"finetune": "full"}))
+            explainer.cfg = cfg
+            explainer.model = PeftModel.from_pretrained(lm.model, path / "model").to(lm.runtime.device)
+        if explainer.proj is not None:
+            with torch.no_grad():
+                explainer.proj.copy_(load_file(str(path / "projection.safetensors"))["proj"])
+        return explainer
+
+
+def _as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, list | tuple) else [int(x)]
+
+
+def _stopped(text: str) -> bool:
+    return any(s in text for s in STOP_STRINGS)
+
+
+def _cut(text: str) -> str:
+    """The explanation up to the first stop string."""
+    cut = min([text.find(s) for s in STOP_STRINGS if s in text] or [len(text)])
+    return text[:cut].strip()
+
+
+@dataclass
+class TrainResult:
+    """What a training run did, for the `runs`/`metrics` tables."""
+
+    steps: int
+    epochs_run: int
+    best_epoch: int
+    train_loss: list[float]
+    val_loss: list[float]
+    tokens_per_s: float
+
+
+def batches(items: Sequence[Query], size: int, rng: random.Random, explainer: Explainer) -> Iterator[list[Query]]:
+    """Length-grouped batches in a seeded order: shuffle, sort within windows of 50 batches, shuffle batches."""
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    window = size * 50
+    out = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: len(items[i].text) + len(items[i].answer or ""))
+        out += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+    rng.shuffle(out)
+    for b in out:
+        yield [items[i] for i in b]
+
+
+def train(explainer: Explainer, train_set: Sequence[Query], val_set: Sequence[Query], progress=None) -> TrainResult:
+    """AdamW at a constant LR; keeps the weights of the epoch with the best validation loss (early stop)."""
+    import copy
+    import time
+
+    cfg = explainer.cfg
+    if not train_set:
+        raise UserInputError("explainer", "no training examples", "lower min_exemplars or cache more tokens")
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    params = [p for p in explainer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_losses, val_losses, best, best_state, steps, n_tokens = [], [], float("inf"), None, 0, 0
+    t0 = time.perf_counter()
+    best_epoch = 0
+    n_batches = -(-len(train_set) // cfg.batch_size)
+    for epoch in range(cfg.epochs):
+        explainer.model.train()
+        total = 0.0
+        for i, qs in enumerate(batches(train_set, cfg.batch_size, rng, explainer)):
+            batch = explainer.collate(qs, train=True)
+            loss = explainer.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            steps += 1
+            n_tokens += int(batch["attention_mask"].sum())
+            if progress:
+                progress(
+                    (epoch * n_batches + i + 1) / (cfg.epochs * n_batches), f"epoch {epoch} loss {float(loss):.3f}"
+                )
+        train_losses.append(total / n_batches)
+        val = evaluate_loss(explainer, val_set) if val_set else train_losses[-1]
+        val_losses.append(val)
+        if val < best:
+            best, best_epoch = val, epoch
+            best_state = {k: v.detach().clone() for k, v in explainer.state_dict().items() if _trainable(explainer, k)}
+        elif val_set:
+            break  # validation loss rose: stop, keep the best epoch
+    if best_state is not None:
+        explainer.load_state_dict({**explainer.state_dict(), **copy.deepcopy(best_state)})
+    explainer.model.eval()
+    return TrainResult(
+        steps, len(train_losses), best_epoch, train_losses, val_losses, n_tokens / (time.perf_counter() - t0)
+    )
+
+
+def _trainable(explainer: Explainer, key: str) -> bool:
+    params = dict(explainer.named_parameters())
+    return key in params and params[key].requires_grad
+
+
+@torch.no_grad()
+def evaluate_loss(explainer: Explainer, queries: Sequence[Query], batch_size: int = 32) -> float:
+    """Mean answer-token cross-entropy over `queries`, token-weighted."""
+    explainer.model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(queries), batch_size):
+        batch = explainer.collate(queries[start : start + batch_size], train=True)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(explainer.loss(batch)) * n
+        count += n
+    return total / max(count, 1)

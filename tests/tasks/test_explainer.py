@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import torch
+
+from tasks import models
+from tasks.config import ExplainerConfig, ModelConfig
+from tasks.explainer import (
+    FEATURE_TEMPLATES_BASE,
+    FEATURE_TEMPLATES_CHAT,
+    SPAN,
+    Explainer,
+    Query,
+    feature_queries,
+    train,
+)
+
+
+def make_explainer(name="tiny-llama", d_target=64, n_layers=4, **cfg) -> Explainer:
+    """An explainer on a tiny model; fp32 reference precision so comparisons are exact."""
+    settings = {"model": ModelConfig(name=name, autocast="none"), "finetune": "full", "vector_norm": "raw", **cfg}
+    config = ExplainerConfig(**settings)
+    return Explainer(models.load(config.model), d_target, n_layers, config)
+
+
+def _batch(ex: Explainer, vectors: np.ndarray, text: str = f"What does {SPAN} encode at layer 2?"):
+    queries = [Query(v.astype(np.float32), 2, text) for v in vectors]
+    return ex.collate(queries, train=False)
+
+
+def _logits(ex: Explainer, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return ex(batch["input_ids"], batch["attention_mask"], batch["vectors"], batch["layers"]).logits
+
+
+def test_injected_vector_changes_logits_after_the_placeholder_only():
+    ex = make_explainer()
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(1, 64)) * 3
+    b_v, b_0, b_w = _batch(ex, v), _batch(ex, np.zeros((1, 64))), _batch(ex, rng.normal(size=(1, 64)) * 3)
+    lv, l0, lw = _logits(ex, b_v), _logits(ex, b_0), _logits(ex, b_w)
+    pos = int((b_v["input_ids"][0] == ex.payload_id).nonzero())
+    assert not torch.allclose(lv[0, pos:], l0[0, pos:], atol=1e-4)  # v vs zero vector
+    assert not torch.allclose(lv[0, pos:], lw[0, pos:], atol=1e-4)  # v vs another vector
+    torch.testing.assert_close(lv[0, :pos], l0[0, :pos], rtol=0, atol=0)  # causal: nothing before it moves
+
+
+def test_writing_a_token_embedding_reproduces_that_token():
+    """R7e: the payload row holding embed(id) gives the logits of the prompt with `id` in that slot."""
+    for name in ("tiny-llama", "tiny-gemma3"):  # Gemma scales embeddings inside the module: must still hold
+        d = 64 if name == "tiny-llama" else 80
+        ex = make_explainer(name=name, d_target=d)
+        tok_id = ex.tokenizer.convert_tokens_to_ids("a")
+        vector = ex.model.get_input_embeddings()(torch.tensor([tok_id]))[0].detach().numpy()
+        b = _batch(ex, vector[None])
+        injected = _logits(ex, b)
+        ids = b["input_ids"].clone()
+        ids[ids == ex.payload_id] = tok_id
+        with torch.no_grad():
+            plain = ex.model(input_ids=ids, attention_mask=b["attention_mask"]).logits
+        torch.testing.assert_close(injected, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_projection_exists_when_widths_differ_and_receives_gradient_under_lora():
+    ex = make_explainer(name="tiny-gemma3", d_target=64, finetune="lora", lora_r=4)
+    assert ex.proj is not None and ex.proj.shape == (4, 80, 64) and ex.proj.requires_grad  # R6
+    assert make_explainer().proj is None  # same width: raw injection
+    q = Query(np.ones(64, dtype=np.float32), 3, f"{SPAN} activates at layer 3 for ", "the letter a")
+    loss = ex.loss(ex.collate([q], train=True))
+    loss.backward()
+    assert ex.proj.grad is not None and float(ex.proj.grad[3].abs().sum()) > 0
+    assert float(ex.proj.grad[0].abs().sum()) == 0  # only the vector's own layer's Π moves
+    base = [n for n, p in ex.model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert base == []  # LoRA: only adapters (and Π, outside the model) train
+
+
+def test_vector_norm_embedding_rescales_to_token_embedding_norm():
+    ex = make_explainer(vector_norm="embedding")
+    b = _batch(ex, np.full((1, 64), 1000.0))
+    embeds = ex.inject(b["input_ids"], b["vectors"], b["layers"])
+    row = embeds[0][b["input_ids"][0] == ex.payload_id][0]
+    torch.testing.assert_close(row.norm(), ex.embedding_norm, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, templates", [("base", FEATURE_TEMPLATES_BASE), ("chat", FEATURE_TEMPLATES_CHAT)])
+def test_loss_mask_covers_exactly_the_answer_tokens(fmt, templates):
+    ex = make_explainer(format=fmt)
+    answer = 'the tokens "def" and "class"'
+    for template in templates:
+        q = Query(np.zeros(64, np.float32), 1, template.format(feature=SPAN, layer=1), answer)
+        ids, labels = ex.training_example(q)
+        prompt = ex.prompt_ids(q)
+        assert ids[: len(prompt)] == prompt  # the generation prefix is the training prefix (R2)
+        answer_ids = [t for t in labels if t != -100]
+        assert labels[: len(prompt)] == [-100] * len(prompt) and len(answer_ids) == len(ids) - len(prompt)
+        assert answer_ids[-1] == ex.tokenizer.eos_token_id  # EOS trained on (R3)
+        expected = answer if fmt == "chat" else " " + answer
+        assert ex.tokenizer.decode(answer_ids[:-1]) == expected
+        assert ids.count(ex.payload_id) == 1
+        if fmt == "base":
+            assert ex.tokenizer.decode(prompt).endswith(template.format(feature=SPAN, layer=1).rstrip(" ")[-8:])
+
+
+def test_cached_and_uncached_greedy_decoding_agree():
+    ex = make_explainer(name="tiny-gemma3", d_target=64)
+    rng = np.random.default_rng(1)
+    qs = feature_queries(rng.normal(size=(5, 64)), [0, 1, 2, 3, 0], [None] * 5, list("abcde"), chat=False, seed=0)
+    cached = ex.generate(qs, max_new_tokens=8, batch_size=3, use_cache=True)
+    uncached = ex.generate(qs, max_new_tokens=8, batch_size=5, use_cache=False)
+    assert cached == uncached
+    assert len(set(cached)) > 1  # different vectors, different texts
+
+
+def test_training_teaches_the_vector_not_the_text(tmp_path):
+    """Two queries with the same text and different vectors must get their own answers after training."""
+    ex = make_explainer(lr=3e-3, epochs=60, batch_size=2, val_fraction=0.0)
+    rng = np.random.default_rng(0)
+    v1, v2 = rng.normal(size=64) * 3, rng.normal(size=64) * 3
+    text = f"What does {SPAN} encode at layer 1?"
+    qs = [Query(v1.astype(np.float32), 1, text, "cats"), Query(v2.astype(np.float32), 1, text, "dogs")]
+    result = train(ex, qs, [])
+    assert result.train_loss[-1] < 0.1 * result.train_loss[0]
+    strip = [Query(q.vector, q.layer, q.text) for q in qs]
+    assert ex.generate(strip, max_new_tokens=4, batch_size=2) == ["cats", "dogs"]
+    ex.save(tmp_path / "ckpt")
+    again = Explainer.load(tmp_path / "ckpt")
+    assert again.generate(strip, max_new_tokens=4, batch_size=2) == ["cats", "dogs"]
