@@ -75,14 +75,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(RECIPES[args.flow], args.config, args.set)
     if args.home:
         recipe = recipe.model_copy(update={"home": args.home})
-    # Validate against the model and corpus before Prefect starts, so bad input is one line, not a traceback.
-    from tasks.activations import plan_cache
+    # Validate against the models and corpus before Prefect starts: bad input is one line, not a traceback.
+    from flows import FLOWS, VALIDATORS
 
-    plan = plan_cache(recipe)
-    from flows import FLOWS
-
+    VALIDATORS[args.flow](recipe)
     result = FLOWS[args.flow](recipe)
-    print(json.dumps({"flow": args.flow, "home": plan.home, **_brief(result)}, indent=1, default=str))
+    print(
+        json.dumps({"flow": args.flow, "home": str(store_root(recipe.home)), **_brief(result)}, indent=1, default=str)
+    )
     return 0
 
 

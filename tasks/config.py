@@ -158,7 +158,118 @@ class ExplainerConfig(StrictModel):
     eval_batch_size: int = Field(32, gt=0, description="Prompts per batched greedy decode.")
 
 
-RECIPES: dict[str, type[StrictModel]] = {"cache-activations": CacheRecipe}
+class PatchingConfig(StrictModel):
+    """Activation-patching ground truth (task B)."""
+
+    facts: str | None = Field(
+        None, description="Fact file: null for the built-in fact base, a facts .jsonl, or CounterFact .json."
+    )
+    n_pairs: int = Field(120, gt=0, description="Counterfactual pairs (x, x') to sweep.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of subjects (hence pairs) held out as test.")
+    n_chunks: int = Field(4, gt=0, description="Contiguous layer chunks patched together.")
+    prompt_format: Literal["fewshot", "zeroshot"] = Field(
+        "fewshot",
+        description="'zeroshot': the paper's prompt; 'fewshot': one worked example from another relation and "
+        "'Answer:' pre-filled, so that small targets answer with an offered option.",
+    )
+    positions_per_pair: int | None = Field(
+        24, gt=0, description="Positions swept per pair: every typed position plus sampled others; null = all."
+    )
+    batch_size: int = Field(32, gt=0, description="Patched copies of x per forward pass.")
+    pairs_per_shard: int = Field(10, gt=0, description="Pairs per sweep shard (the unit of resume).")
+    cell_cap: int = Field(60, gt=0, description="Balancing: at most this many rows per (token type, chunk, changed).")
+    seed: int = Field(0, description="Seed of pairing, options, positions and balancing.")
+
+
+class AblationConfig(StrictModel):
+    """Input-ablation ground truth (task C): does removing a hint change the answer?"""
+
+    questions: str | None = Field(
+        None, description="Question file: null for the built-in bank, or an MMLU-format .jsonl/.parquet."
+    )
+    n_questions: int | None = Field(None, gt=0, description="Use at most this many questions; null uses all.")
+    hint: str = Field("Hint: The answer is {letter}", description="Hint wording; {letter} is drawn from A-D.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of questions held out as test.")
+    batch_size: int = Field(16, gt=0, description="Prompts per forward pass.")
+    seed: int = Field(0, description="Seed of hint letters and the split.")
+
+
+class FeatureEvalConfig(StrictModel):
+    """What the features flow measures."""
+
+    test_per_layer: int = Field(50, gt=0, description="Held-out features per layer (split by feature).")
+    n_train: int | None = Field(None, gt=0, description="Cap on training features (all layers); null uses all.")
+    ood_act_per_layer: int = Field(
+        25, ge=0, description="ACT out-of-distribution vectors per layer (residual vectors at sampled tokens)."
+    )
+    selfie_scales: list[float] = Field(
+        [1, 5, 10, 25, 50], min_length=1, description="SelfIE: scales of the unit vector; best of them per item."
+    )
+    selfie_max_new_tokens: int = Field(25, gt=0, description="SelfIE decoding length (the paper's 25).")
+    embedding_similarity: bool = Field(
+        True, description="Also score cosine similarity of sentence embeddings against the gold label."
+    )
+    judge: str | None = Field(
+        None,
+        description="LM judge of predicted vs gold label with the paper's 1-5 rubric mapped to (r-1)/4: a "
+        "registry name or HF folder, or 'openai:<model>'; null skips it.",
+    )
+    judge_base_url: str | None = Field(None, description="OpenAI-compatible base URL of the judge.")
+    delta_act_per_layer: int = Field(
+        10, ge=0, description="ΔACT vectors per layer: h(x) - h(x') at the last token of counterfactual prompt pairs."
+    )
+
+
+def _self_explainer() -> "ExplainerConfig":
+    return ExplainerConfig()
+
+
+def _other_explainer() -> "ExplainerConfig":
+    return ExplainerConfig(model=ModelConfig(name="gemma3-270m"), format="base")
+
+
+class FeaturesRecipe(StrictModel):
+    """Recipe of the features flow: SAE ground truth, labels, explainers, baselines, evaluation."""
+
+    home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
+    target: ModelConfig = Field(default_factory=ModelConfig, description="The frozen target model.")
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="Text whose activations train the SAEs.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Layers and positions cached.")
+    sae: SAETrainConfig = Field(default_factory=SAETrainConfig, description="SAE training or loading.")
+    labels: LabelConfig = Field(default_factory=LabelConfig, description="Ground-truth labeler.")
+    explainers: dict[str, ExplainerConfig] = Field(
+        default_factory=lambda: {"self": _self_explainer(), "other": _other_explainer()},
+        description="Trained explainers by role; 'self' should start from the target's weights.",
+    )
+    eval: FeatureEvalConfig = Field(default_factory=FeatureEvalConfig, description="Evaluation settings.")
+
+    def cache_recipe(self) -> CacheRecipe:
+        """The cache-activations recipe this flow runs first (same store, model, corpus, cache)."""
+        return CacheRecipe(home=self.home, model=self.target, corpus=self.corpus, cache=self.cache)
+
+
+class PatchingRecipe(StrictModel):
+    """Recipe of the patching flow: activation-patching ground truth of the target."""
+
+    home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
+    target: ModelConfig = Field(default_factory=ModelConfig, description="The frozen target model.")
+    patching: PatchingConfig = Field(default_factory=PatchingConfig, description="Pairs, chunks, sweep, balance.")
+
+
+class AblationRecipe(StrictModel):
+    """Recipe of the ablation flow: hint-removal ground truth of the target."""
+
+    home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
+    target: ModelConfig = Field(default_factory=ModelConfig, description="The frozen target model.")
+    ablation: AblationConfig = Field(default_factory=AblationConfig, description="Questions and hint.")
+
+
+RECIPES: dict[str, type[StrictModel]] = {
+    "cache-activations": CacheRecipe,
+    "features": FeaturesRecipe,
+    "patching": PatchingRecipe,
+    "ablation": AblationRecipe,
+}
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

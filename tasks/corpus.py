@@ -249,10 +249,8 @@ def tokens_dataset(home: str, key: str) -> Dataset:
 @stage_task("tokenize-corpus", output=lambda p: tokens_dataset(p["home"], p["key"]))
 def tokenize_corpus(home: str, key: str, model: ModelConfig, corpus: CorpusConfig, contexts_per_shard: int) -> dict:
     """Tokenise the corpus with the model's tokenizer into table `tokens`."""
-    from transformers import AutoTokenizer
+    from tasks.models import load_tokenizer
 
-    from tasks.models import resolve
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve(model).source)
+    tokenizer = load_tokenizer(model)
     summary = write_tokens(tokenizer, corpus, tokens_dataset(home, key), contexts_per_shard)
     return {"path": str(tokens_dataset(home, key).path), **summary}

@@ -63,6 +63,8 @@ class Query:
     text: str  # the question with SPAN inside (a rendered template)
     answer: str | None = None  # the ground-truth explanation (training), None at inference
     example_id: str = ""
+    prefix: str = ""  # text the answer continues (SelfIE's "The meaning of the word 'X' is")
+    system: str | None = None  # chat system prompt; None uses CHAT_SYSTEM_PROMPT
 
 
 def feature_queries(
@@ -89,6 +91,7 @@ class Explainer(nn.Module):
         self.d_target, self.n_target_layers = d_target, n_target_layers
         self._add_span_tokens()
         self.payload_id = self.tokenizer.convert_tokens_to_ids(SPAN_TOKENS[1])
+        self.payloads_per_query = 1  # SelfIE writes the vector at two placeholders
         d_e = lm.d_model
         embed = lm.model.get_input_embeddings()
         with torch.no_grad():
@@ -145,8 +148,8 @@ class Explainer(nn.Module):
         embeds = self.model.get_input_embeddings()(input_ids)  # [B, T, d_E]
         is_payload = input_ids == self.payload_id  # [B, T]
         counts = is_payload.sum(dim=1)
-        if not bool((counts == 1).all()):  # R12: exactly one payload per example after truncation
-            raise ValueError(f"each example needs exactly one payload token, got counts {counts.tolist()}")
+        if not bool((counts == self.payloads_per_query).all()):  # R12: the payload count survived tokenisation
+            raise ValueError(f"each example needs {self.payloads_per_query} payload token(s), got {counts.tolist()}")
         u = vectors.to(device=embeds.device, dtype=torch.float32)  # [B, d_M]
         if self.proj is not None:
             u = torch.einsum("bed,bd->be", self.proj[layers.to(self.proj.device)].float(), u)  # [B, d_E]
@@ -177,10 +180,11 @@ class Explainer(nn.Module):
     def prompt_ids(self, q: Query) -> list[int]:
         """Token ids up to where the answer starts: identical at training and generation time (R2)."""
         if self.chat:
-            messages = [{"role": "system", "content": CHAT_SYSTEM_PROMPT}, {"role": "user", "content": q.text}]
+            system = CHAT_SYSTEM_PROMPT if q.system is None else q.system
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": q.text}]
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(q.text.rstrip(" "), add_special_tokens=True)["input_ids"]
+            return self.tokenizer(text + q.prefix.rstrip(" "), add_special_tokens=False)["input_ids"]
+        return self.tokenizer((q.text + q.prefix).rstrip(" "), add_special_tokens=True)["input_ids"]
 
     def answer_ids(self, answer: str) -> list[int]:
         """The answer's ids plus EOS (R3); base answers carry the template's trailing space (R2)."""

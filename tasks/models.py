@@ -233,6 +233,11 @@ def load_config(cfg: ModelConfig) -> PretrainedConfig:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer alone (no weights)."""
+    return AutoTokenizer.from_pretrained(resolve(cfg).source)
+
+
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16: bf16 matmuls run 2-3x faster than fp32 on such CPUs."""
     try:

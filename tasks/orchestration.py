@@ -54,3 +54,21 @@ def refresh_catalog_task(home: str) -> str:
     from storage.catalog import refresh_catalog
 
     return str(refresh_catalog(Path(home)))
+
+
+def progress_reporter(key: str, description: str) -> Callable[..., None]:
+    """A callback(fraction, message) that updates a Prefect progress artifact (stable key) and logs."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.logging import get_run_logger
+
+    artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+    logger = get_run_logger()
+    last = {"logged": -1.0}
+
+    def report(fraction: float, message: str = "") -> None:
+        update_progress_artifact(artifact_id=artifact_id, progress=round(100 * fraction, 1))
+        if fraction - last["logged"] >= 0.1 or fraction >= 1:
+            logger.info(f"{description}: {100 * fraction:.0f}% {message}")
+            last["logged"] = fraction
+
+    return report

@@ -39,6 +39,15 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, cli_env, set
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no catalog, nothing
 
 
+def test_features_flow_checks_explainer_models_before_running(tmp_path, cli_env):
+    sets = ["target.name=tiny-llama", "cache.layers=[1]", "explainers.self.model.name=nope-model"]
+    args = ["run", "features", "--home", str(tmp_path / "s")] + sum((["--set", s] for s in sets), [])
+    proc = _run(args, cli_env, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error: explainers.self.model.name: 'nope-model' is not a registry name")
+    assert not (tmp_path / "s").exists()
+
+
 def test_unknown_key_in_a_recipe_file(tmp_path, cli_env):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  name: tiny-llama\ncache:\n  layers: [1]\n  batchsize: 4\n")

@@ -46,7 +46,9 @@ def test_bad_files(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(RECIPE_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
-    flow = {"cache_": "cache-activations"}[path.name.split("smollm2")[0]]
+    flow = {"cache_": "cache-activations", "features_": "features", "patching_": "patching", "ablation_": "ablation"}[
+        path.name.split("smollm2")[0]
+    ]
     assert load_recipe(RECIPES[flow], path)
 
 

@@ -124,3 +124,17 @@ def test_training_teaches_the_vector_not_the_text(tmp_path):
     ex.save(tmp_path / "ckpt")
     again = Explainer.load(tmp_path / "ckpt")
     assert again.generate(strip, max_new_tokens=4, batch_size=2) == ["cats", "dogs"]
+
+
+def test_lora_checkpoint_with_projection_reloads_to_the_same_logits(tmp_path):
+    ex = make_explainer(name="tiny-gemma3", d_target=64, finetune="lora", lora_r=4, lr=1e-2, epochs=2)
+    rng = np.random.default_rng(3)
+    qs = [
+        Query(rng.normal(size=64).astype(np.float32), i % 4, f"{SPAN} activates at layer 1 for ", "x") for i in range(4)
+    ]
+    train(ex, qs, [])
+    ex.save(tmp_path / "ckpt")
+    again = Explainer.load(tmp_path / "ckpt")
+    b = ex.collate(qs, train=False)
+    torch.testing.assert_close(_logits(again, b), _logits(ex, b), rtol=1e-5, atol=1e-5)
+    assert again.proj is not None and torch.equal(again.proj, ex.proj)

