@@ -209,6 +209,11 @@ class FeatureEvalConfig(StrictModel):
     embedding_similarity: bool = Field(
         True, description="Also score cosine similarity of sentence embeddings against the gold label."
     )
+    simulator: str = Field(
+        "lexical",
+        description="'lexical' (deterministic, fits the tokens labeler) or a model (registry name or HF folder) "
+        "used as a prompted LM simulator with expected value over 0-10 bins (slow on CPU).",
+    )
     judge: str | None = Field(
         None,
         description="LM judge of predicted vs gold label with the paper's 1-5 rubric mapped to (r-1)/4: a "

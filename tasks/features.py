@@ -33,7 +33,7 @@ from tasks.llm import complete
 from tasks.orchestration import progress_reporter, stage_task
 from tasks.results import Metric, Prediction, write_results
 from tasks.sae import layer_activations, write_exemplars, write_sae_layer
-from tasks.simulate import JUDGE_PROMPT, SentenceEmbedder, judge_rating, mean_se, simulator_score
+from tasks.simulate import JUDGE_PROMPT, LMSimulator, SentenceEmbedder, judge_rating, mean_se, simulator_score
 
 STAGE = "features"
 STAGE_VERSION = 1
@@ -298,7 +298,11 @@ class EvalItem:
 
 
 def score_items(
-    items: list[EvalItem], descriptions: list[str], caches: dict[int, LayerCache], texts: ContextTexts
+    items: list[EvalItem],
+    descriptions: list[str],
+    caches: dict[int, LayerCache],
+    texts: ContextTexts,
+    simulator: LMSimulator | None = None,
 ) -> list[float]:
     scores = []
     for item, desc in zip(items, descriptions, strict=True):
@@ -308,7 +312,7 @@ def score_items(
             all_tokens = texts.tokens(c)
             toks.append([all_tokens[p] for p in pos])
             acts.append(a)
-        scores.append(simulator_score(desc, toks, acts))
+        scores.append(simulator_score(desc, toks, acts, simulator))
     return scores
 
 
@@ -398,9 +402,10 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
             metrics.append(Metric(run_id, "features", target_name, "", "sae", 0, recipe.sae.seed, f"layer_{layer}",
                                   name, float(quality[name]), 0.0, int(quality["tokens"])))  # fmt: skip
     scored: dict[tuple[str, str], list[float]] = {}
+    sim = None if recipe.eval.simulator == "lexical" else LMSimulator(recipe.eval.simulator)
     for key, descs in predictions.items():
-        scored[key] = score_items(items, descs, caches, texts)
-    scale_scores = {s: score_items(items, d, caches, texts) for s, d in by_scale.items()}
+        scored[key] = score_items(items, descs, caches, texts, sim)
+    scale_scores = {s: score_items(items, d, caches, texts, sim) for s, d in by_scale.items()}
     best = [max(range(len(recipe.eval.selfie_scales)), key=lambda j, i=i: scale_scores[recipe.eval.selfie_scales[j]][i])
             for i in range(len(items))]  # fmt: skip
     scales = recipe.eval.selfie_scales

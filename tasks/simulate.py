@@ -48,10 +48,18 @@ def pooled_corr(predicted: np.ndarray, true: np.ndarray) -> float:
 
 
 def simulator_score(
-    description: str, exemplar_tokens: Sequence[Sequence[str]], exemplar_acts: Sequence[np.ndarray]
+    description: str,
+    exemplar_tokens: Sequence[Sequence[str]],
+    exemplar_acts: Sequence[np.ndarray],
+    simulator: "LMSimulator | None" = None,
 ) -> float:
-    """|corr| pooled over every token of every exemplar (true activations clipped at 0)."""
-    pred = np.concatenate([lexical_simulate(description, toks) for toks in exemplar_tokens])
+    """|corr| pooled over every token of every exemplar (true activations clipped at 0).
+
+    `simulator` None uses the lexical simulator; an LMSimulator predicts with a prompted LM instead."""
+    if simulator is None:
+        pred = np.concatenate([lexical_simulate(description, toks) for toks in exemplar_tokens])
+    else:
+        pred = np.concatenate(simulator.predict(description, exemplar_tokens))
     true = np.concatenate([np.asarray(a) for a in exemplar_acts])
     return abs(pooled_corr(pred, true))
 
@@ -62,6 +70,57 @@ def mean_se(values: Sequence[float]) -> tuple[float, float, int]:
         return float("nan"), float("nan"), 0
     se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
     return float(v.mean()), se, len(v)
+
+
+class LMSimulator:
+    """A prompted LM simulator (PAPER.md §3.6 step 3) for free-text descriptions.
+
+    The LM reads "## Neuron Description: {description}\n\n ## Input: " followed by the exemplar's text; at each
+    exemplar token it gives a distribution over the bin tokens "0".."10" (those that are single tokens of its
+    vocabulary; "10" often is not) and the prediction is the expected bin. The paper's simulator is an 8B model
+    trained for this; a small prompted one is a weak stand-in, and its scores are not comparable.
+    """
+
+    PROMPT = "## Neuron Description: {description}\n\n ## Input: "
+
+    def __init__(self, model: str) -> None:
+        from tasks import models
+        from tasks.config import ModelConfig
+
+        self.lm = models.load(ModelConfig(name=model))
+        tok = self.lm.tokenizer
+        bins = [(k, tok(str(k), add_special_tokens=False)["input_ids"]) for k in range(11)]
+        bins = [(k, ids[0]) for k, ids in bins if len(ids) == 1]
+        self.values = torch.tensor([k for k, _ in bins], dtype=torch.float32)
+        self.bin_ids = torch.tensor([i for _, i in bins])
+
+    @torch.inference_mode()
+    def predict(self, description: str, exemplar_tokens: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """Expected bin per exemplar token, one array per exemplar (all exemplars in one batch)."""
+        tok = self.lm.tokenizer
+        prefix = self.PROMPT.format(description=description)
+        texts, ends = [], []
+        for toks in exemplar_tokens:
+            pos, cut = len(prefix), []
+            for t in toks:
+                pos += len(t)
+                cut.append(pos)  # character offset where each exemplar token ends
+            texts.append(prefix + "".join(toks))
+            ends.append(cut)
+        tok.padding_side = "right"
+        enc = tok(texts, return_tensors="pt", padding=True, return_offsets_mapping=True, add_special_tokens=False)
+        offsets = enc.pop("offset_mapping")
+        with self.lm.runtime.autocast_context():
+            logits = self.lm.model(**enc.to(self.lm.runtime.device)).logits.float().cpu()  # [B, T, V]
+        expected = (logits[..., self.bin_ids].softmax(-1) * self.values).sum(-1)  # [B, T]
+        out = []
+        for b, cut in enumerate(ends):
+            token_end = offsets[b, :, 1].numpy()
+            valid = enc["attention_mask"][b].cpu().numpy().astype(bool)
+            # the simulator token that finishes each exemplar token: the last one ending at or before its end
+            idx = [int(np.flatnonzero(valid & (token_end <= c) & (token_end > 0))[-1]) for c in cut]
+            out.append(expected[b, idx].numpy())
+        return out
 
 
 class SentenceEmbedder:

@@ -26,6 +26,7 @@ def tiny_features_recipe(home: Path, corpus: Path) -> FeaturesRecipe:
                 "ood_act_per_layer": 2,
                 "delta_act_per_layer": 2,
                 "judge": "tiny-llama",
+                "simulator": "tiny-llama",
                 "selfie_scales": [1, 10],
             },
         }

@@ -61,3 +61,19 @@ def test_judge_rating_maps_the_rubric_and_counts_unparseable_replies():
     assert [judge_rating(r) for r in ("5", "Rating: 3", "1.", "no idea", "9")] == [1.0, 0.5, 0.0, None, None]
     assert JUDGE_PROMPT.splitlines()[0].endswith("activates? ")  # verbatim, trailing space included
     assert "Predicted: x\nExpected: y" in JUDGE_PROMPT.format(predicted_label="x", expected_label="y")
+
+
+def test_lm_simulator_reads_one_expected_bin_per_exemplar_token():
+    from tasks.simulate import LMSimulator
+
+    sim = LMSimulator("tiny-llama")  # byte tokenizer: bins 0-9 are single tokens, "10" is not
+    assert sim.values.tolist() == list(range(10))
+    exemplars = [[" Paris", " is", " big"], ["Lyon", "!"]]
+    preds = sim.predict('the token "Paris"', exemplars)
+    assert [len(p) for p in preds] == [3, 2]
+    assert all(((p >= 0) & (p <= 9)).all() for p in preds)
+    # the prediction for a token depends only on the text up to it (causal LM): the same prefix, the same value
+    again = sim.predict('the token "Paris"', [[" Paris", " is", " small", " today"]])
+    np.testing.assert_allclose(again[0][:2], preds[0][:2], rtol=1e-5, atol=1e-5)
+    score = simulator_score('the token "Paris"', exemplars, [np.array([3.0, 0, 0]), np.array([1.0, 0])], sim)
+    assert 0.0 <= score <= 1.0
