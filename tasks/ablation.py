@@ -70,20 +70,26 @@ def predict(lm: LoadedModel, prompts: list[str], batch_size: int) -> list[tuple[
 
 
 def write_ablation_gt(lm: LoadedModel, cfg: AblationConfig, out: Dataset) -> dict[str, Any]:
-    questions = load_questions(cfg.questions)[: cfg.n_questions]
+    bank = load_questions(cfg.questions)[: cfg.n_questions]
     rng = random.Random(cfg.seed)
-    hints = [cfg.hint.format(letter=rng.choice(LETTERS)) for _ in questions]
-    order = list(range(len(questions)))
+    order = list(range(len(bank)))
     rng.shuffle(order)
-    test = set(order[: int(round(cfg.test_fraction * len(questions)))])
+    test = set(order[: int(round(cfg.test_fraction * len(bank)))])  # split by question (R15)
+    zero_by_question = predict(lm, [render(lm, user_prompt(q, None)) for q in bank], cfg.batch_size)
+    questions, hints, zero, qids = [], [], [], []
+    for qi, q in enumerate(bank):  # each question with `hints_per_question` distinct random letters
+        for letter in rng.sample(LETTERS, cfg.hints_per_question):
+            questions.append(q)
+            hints.append(cfg.hint.format(letter=letter))
+            zero.append(zero_by_question[qi])
+            qids.append(qi)
     plain = [render(lm, user_prompt(q, None)) for q in questions]
     hinted = [render(lm, user_prompt(q, h)) for q, h in zip(questions, hints, strict=True)]
-    zero = predict(lm, plain, cfg.batch_size)
     with_hint = predict(lm, hinted, cfg.batch_size)
     rows = []
     for i, q in enumerate(questions):
         rows.append({
-            "index": i, "split": "test" if i in test else "train", "question": q.question, "choices": list(q.choices),
+            "index": i, "question_id": qids[i], "split": "test" if qids[i] in test else "train", "question": q.question, "choices": list(q.choices),
             "correct_answer": LETTERS[q.answer], "subject": q.subject, "hint": hints[i],
             "system_prompt": SYSTEM_PROMPT, "original_user_prompt": user_prompt(q, None),
             "hint_user_prompt": user_prompt(q, hints[i]), "original_prompt_full": plain[i],
@@ -95,7 +101,8 @@ def write_ablation_gt(lm: LoadedModel, cfg: AblationConfig, out: Dataset) -> dic
     out.write_shard(0, pa.Table.from_pylist(rows))
     letters_greedy = [r["zeroshot_greedy_token"].strip() in LETTERS for r in rows]
     summary = {
-        "questions": len(rows),
+        "questions": len(bank),
+        "rows": len(rows),
         "changed_rate": float(np.mean([r["changed_pred_bc_hint"] for r in rows])),
         "zeroshot_accuracy": float(np.mean([r["zeroshot_prediction"] == r["correct_answer"] for r in rows])),
         "greedy_is_letter_rate": float(np.mean(letters_greedy)),

@@ -189,6 +189,9 @@ class AblationConfig(StrictModel):
     )
     n_questions: int | None = Field(None, gt=0, description="Use at most this many questions; null uses all.")
     hint: str = Field("Hint: The answer is {letter}", description="Hint wording; {letter} is drawn from A-D.")
+    hints_per_question: int = Field(
+        1, ge=1, le=4, description="Rows per question, each with a different random hint letter (same split)."
+    )
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of questions held out as test.")
     batch_size: int = Field(16, gt=0, description="Prompts per forward pass.")
     seed: int = Field(0, description="Seed of hint letters and the split.")

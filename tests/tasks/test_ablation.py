@@ -23,9 +23,12 @@ def test_ground_truth_rows_are_consistent(tmp_path, home):
     path = tmp_path / "q.jsonl"
     path.write_text("\n".join(json.dumps(q) for q in qs))
     out = Dataset(home, "ablation_gt", "k")
-    summary = write_ablation_gt(lm, AblationConfig(questions=str(path), batch_size=3), out)
+    summary = write_ablation_gt(lm, AblationConfig(questions=str(path), batch_size=3, hints_per_question=2), out)
     rows = next(out.iter_shards()).to_pylist()
-    assert summary["questions"] == 10 and sum(r["split"] == "test" for r in rows) == 2
+    assert summary["questions"] == 10 and summary["rows"] == 20 and sum(r["split"] == "test" for r in rows) == 4
+    for qid in range(10):  # two distinct hints per question, never split across train and test
+        mine = [r for r in rows if r["question_id"] == qid]
+        assert len({r["hint"] for r in mine}) == 2 and len({r["split"] for r in mine}) == 1
     for r in rows:
         assert r["changed_pred_bc_hint"] == (r["zeroshot_prediction"] != r["random_hint_prediction"])
         assert r["zeroshot_prediction"] in LETTERS and r["hint"].startswith("Hint: The answer is ")
