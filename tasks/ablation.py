@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from storage.hashing import config_hash
 from storage.store import Dataset, store_root
 from tasks.config import AblationConfig, AblationRecipe
 from tasks.facts import Question, load_questions
@@ -115,9 +114,7 @@ def write_ablation_gt(lm: LoadedModel, cfg: AblationConfig, out: Dataset) -> dic
 def ablation_key(recipe: AblationRecipe) -> str:
     from tasks import models
 
-    identity = models.resolve(recipe.target).identity
-    precision = models.resolve_runtime(recipe.target).precision
-    return config_hash(STAGE, STAGE_VERSION, {"model": identity, "precision": precision, "cfg": recipe.ablation})
+    return models.target_key(STAGE, STAGE_VERSION, recipe.target, recipe.ablation)
 
 
 @stage_task(

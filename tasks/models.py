@@ -227,6 +227,14 @@ def resolve(cfg: ModelConfig) -> ResolvedModel:
     return ResolvedModel(name, name, name)
 
 
+def target_key(stage: str, version: int, target: ModelConfig, config: object) -> str:
+    """Dataset key of a stage whose result depends on a model's weights and precision, plus its config."""
+    from storage.hashing import config_hash
+
+    identity = {"model": resolve(target).identity, "precision": resolve_runtime(target).precision}
+    return config_hash(stage, version, {**identity, "cfg": config})
+
+
 def load_config(cfg: ModelConfig) -> PretrainedConfig:
     """The model's config (layers, width) without loading weights; the text config for multimodal ones."""
     config = AutoConfig.from_pretrained(resolve(cfg).source)

@@ -21,7 +21,6 @@ import pyarrow as pa
 import torch
 
 from storage.errors import UserInputError
-from storage.hashing import config_hash
 from storage.store import Dataset, store_root
 from tasks.config import PatchingConfig, PatchingRecipe
 from tasks.facts import Fact, load_facts
@@ -340,9 +339,7 @@ def _to_table(rows: list[dict], d: int) -> pa.Table:
 def patching_key(recipe: PatchingRecipe) -> str:
     from tasks import models
 
-    identity = models.resolve(recipe.target).identity
-    precision = models.resolve_runtime(recipe.target).precision
-    return config_hash(STAGE, STAGE_VERSION, {"model": identity, "precision": precision, "cfg": recipe.patching})
+    return models.target_key(STAGE, STAGE_VERSION, recipe.target, recipe.patching)
 
 
 @stage_task(
