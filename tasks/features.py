@@ -36,7 +36,8 @@ from tasks.sae import layer_activations, write_exemplars, write_sae_layer
 from tasks.simulate import JUDGE_PROMPT, LMSimulator, SentenceEmbedder, judge_rating, mean_se, simulator_score
 
 STAGE = "features"
-STAGE_VERSION = 1
+STAGE_VERSION = 1  # ground truth and explainer checkpoints
+EVAL_VERSION = 2  # evaluation only: bumping it re-scores without retraining
 SELFIE_USER = "Briefly define the word '{x}'."
 SELFIE_PREFIX = "The meaning of the word '{x}' is "
 SELFIE_BASE = "What is the meaning of the word '{x}'? The meaning of the word '{x}' is "
@@ -384,9 +385,11 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
         explainer = ex.Explainer.load(Path(path) / "checkpoint")
         queries = [ex.feature_queries(it.vector[None], [it.layer], [None], [it.example_id], explainer.chat,
                                       recipe.explainers[role].seed + k)[0] for k, it in enumerate(items)]  # fmt: skip
-        predictions[("trained", recipe.explainers[role].model.name)] = explainer.generate(
-            queries, recipe.explainers[role].max_new_tokens, recipe.explainers[role].eval_batch_size
-        )
+        cfg = recipe.explainers[role]
+        predictions[("trained", cfg.model.name)] = explainer.generate(queries, cfg.max_new_tokens, cfg.eval_batch_size)
+        # R8 control: the same prompts with v = 0. Near-equal scores mean the explainer is not reading v.
+        zero = [ex.Query(np.zeros_like(q.vector), q.layer, q.text, None, q.example_id) for q in queries]
+        predictions[("zero_vector", cfg.model.name)] = explainer.generate(zero, cfg.max_new_tokens, cfg.eval_batch_size)
         del explainer
         if progress:
             progress(f"{role} explainer decoded {len(items)} items")
@@ -425,7 +428,7 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
             if not idx or (method == "gold" and split != "test"):
                 continue
             value, se, n = mean_se([scored[(method, model)][i] for i in idx])
-            n_used = 0 if method in ("selfie", "gold") else n_train
+            n_used = 0 if method in ("selfie", "gold") else n_train  # zero_vector: the trained explainer, v = 0
             metrics.append(Metric(run_id, "features", target_name, model, method, n_used, recipe.sae.seed, split,
                                   "simulator_corr", value, se, n))  # fmt: skip
         if recipe.eval.judge and method != "gold" and test_idx:
@@ -491,7 +494,7 @@ def evaluation_run_id(recipe: FeaturesRecipe, gt_key: str) -> str:
     """Deterministic run id: a rerun of the same recipe finds its results instead of duplicating rows."""
     keys = {r: explainer_key(gt_key, r, c, recipe.eval.n_train) for r, c in recipe.explainers.items()}
     return "features-" + config_hash(
-        "features-eval", STAGE_VERSION, {"gt": gt_key, "explainers": keys, "eval": recipe.eval, "target": recipe.target}
+        "features-eval", EVAL_VERSION, {"gt": gt_key, "explainers": keys, "eval": recipe.eval, "target": recipe.target}
     )
 
 

@@ -47,10 +47,11 @@ def test_features_flow_fills_the_result_contract(tmp_path, text_file):
     assert got == {
         ("gold", "tiny-llama"), ("nearest_neighbor", "tiny-llama"), ("nearest_neighbor_layerwise", "tiny-llama"),
         ("selfie", "tiny-llama"), ("trained", "tiny-llama"), ("trained", "tiny-gemma3"),
+        ("zero_vector", "tiny-llama"), ("zero_vector", "tiny-gemma3"),
     }  # fmt: skip
     assert all(n == 8 and 0 <= v <= 1 and se == se for _, _, v, se, n in rows)  # se is not NaN
     for split in ("ood_act", "ood_delta"):  # every method but gold
-        assert con.execute(f"select count(*) from metrics where split = '{split}'").fetchone()[0] == 5
+        assert con.execute(f"select count(*) from metrics where split = '{split}'").fetchone()[0] == 7
     sae = con.execute(
         "select split, value from metrics where method = 'sae' and metric = 'sae_l0' order by 1"
     ).fetchall()
@@ -64,7 +65,7 @@ def test_features_flow_fills_the_result_contract(tmp_path, text_file):
     assert labels[0] > 8 and labels[1] == 2
     assert con.execute("select status from runs").fetchone() == ("completed",)
     judged = con.execute("select count(*) from metrics where metric = 'judge_score' and value between 0 and 1")
-    assert judged.fetchone() == (5,)  # the tiny judge rarely answers a digit: unparseable replies count as 0
+    assert judged.fetchone() == (7,)  # the tiny judge rarely answers a digit: unparseable replies count as 0
     con.close()
     again = features(recipe)  # a rerun trains nothing and writes no new rows
     assert again["results"]["run_id"] == result["results"]["run_id"]
