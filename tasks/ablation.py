@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 
 from storage.store import Dataset, store_root
+from tasks import models
 from tasks.config import AblationConfig, AblationRecipe
 from tasks.facts import Question, load_questions
 from tasks.models import LoadedModel
@@ -112,8 +113,6 @@ def write_ablation_gt(lm: LoadedModel, cfg: AblationConfig, out: Dataset) -> dic
 
 
 def ablation_key(recipe: AblationRecipe) -> str:
-    from tasks import models
-
     return models.target_key(STAGE, STAGE_VERSION, recipe.target, recipe.ablation)
 
 
@@ -122,8 +121,6 @@ def ablation_key(recipe: AblationRecipe) -> str:
 )
 def ablation_ground_truth(recipe: AblationRecipe) -> dict[str, Any]:
     """Ask every question with and without the hint and write `ablation_gt`."""
-    from tasks import models
-
     out = Dataset(store_root(recipe.home), STAGE, ablation_key(recipe))
     if out.is_complete():
         return {"path": str(out.path), **out.summary()}

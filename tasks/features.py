@@ -27,7 +27,7 @@ from storage.store import Dataset
 from tasks import explainer as ex
 from tasks import labels as lab
 from tasks import models
-from tasks.activations import CachePlan, activations_dataset
+from tasks.activations import CachePlan, activations_dataset, plan_cache
 from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig
 from tasks.llm import complete
 from tasks.orchestration import progress_reporter, stage_task
@@ -50,8 +50,6 @@ DELTA_SUBJECTS = ("France", "Japan", "Brazil", "Egypt", "Canada", "India", "Germ
 
 def check_recipe(recipe: FeaturesRecipe) -> CachePlan:
     """Validate a features recipe before anything runs: the cache part, then every explainer's model."""
-    from tasks.activations import plan_cache
-
     plan = plan_cache(recipe.cache_recipe())
     if not recipe.explainers:
         raise UserInputError("explainers", "no explainer configured", "add at least one role, e.g. self")

@@ -22,6 +22,7 @@ import torch
 
 from storage.errors import UserInputError
 from storage.store import Dataset, store_root
+from tasks import models
 from tasks.config import PatchingConfig, PatchingRecipe
 from tasks.facts import Fact, load_facts
 from tasks.models import LoadedModel, decoder_layers
@@ -337,8 +338,6 @@ def _to_table(rows: list[dict], d: int) -> pa.Table:
 
 
 def patching_key(recipe: PatchingRecipe) -> str:
-    from tasks import models
-
     return models.target_key(STAGE, STAGE_VERSION, recipe.target, recipe.patching)
 
 
@@ -347,8 +346,6 @@ def patching_key(recipe: PatchingRecipe) -> str:
 )
 def patching_ground_truth(recipe: PatchingRecipe) -> dict[str, Any]:
     """Sweep the counterfactual pairs and write the balanced `patching_gt` table."""
-    from tasks import models
-
     out = Dataset(store_root(recipe.home), STAGE, patching_key(recipe))
     if out.is_complete():
         return {"path": str(out.path), **out.summary()}
