@@ -1,0 +1,102 @@
+"""Importers for the paper's public datasets (PAPER.md §4.4, §5.2), from local Parquet / JSON(L) /
+save_to_disk folders, into our `patching_gt` and `ablation_gt` row formats, so a user who has them trains on
+them unchanged.
+
+act_patch (Transluce/act_patch_*): layer, input_tokens, original_continuation, ablated_continuation,
+is_different, patch_position{orig_pos, orig_text_token, counterfact_pos, counterfact_text_token,
+intervention_vector}, counterfactual_text, gt_original_target, gt_counterfactual_target, token_type.
+input_ablation (Transluce/input_ablation_*): index, question, choices, correct_answer, zeroshot_prediction,
+random_hint_prediction, hint, system_prompt, original_user_prompt, hint_user_prompt, original_prompt_full,
+hint_prompt_full, changed_pred_bc_hint (null in about a quarter of rows: derived from the two predictions).
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage.errors import UserInputError
+
+ACT_PATCH_REQUIRED = ("layer", "input_tokens", "original_continuation", "ablated_continuation", "is_different")
+ABLATION_REQUIRED = ("question", "choices", "zeroshot_prediction", "random_hint_prediction", "hint_user_prompt")
+
+
+def read_rows(path: str | Path, field: str) -> list[dict[str, Any]]:
+    """Rows of a .parquet, .json (a list), .jsonl file, or a datasets save_to_disk folder (split train)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserInputError(field, f"{p} does not exist", "point it at a .parquet/.json/.jsonl file or a folder")
+    if p.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[sorted(ds)[0]]
+        return ds.to_list()
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(p).to_pylist()
+    text = p.read_text(encoding="utf-8")
+    try:
+        return json.loads(text) if p.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+    except json.JSONDecodeError as exc:
+        raise UserInputError(field, f"{p} is not valid JSON ({exc.msg}, line {exc.lineno})", "fix the file") from None
+
+
+def _require(rows: list[dict[str, Any]], columns: tuple[str, ...], field: str, path: str | Path) -> None:
+    if not rows:
+        raise UserInputError(field, f"{path} holds no rows", "give a non-empty file")
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise UserInputError(field, f"{path} lacks column(s) {', '.join(missing)}", "use the public schema")
+
+
+def import_act_patch(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """Public activation-patching rows as `patching_gt` rows (input text detokenised from input_tokens)."""
+    rows = read_rows(path, "import.act_patch")
+    _require(rows, ACT_PATCH_REQUIRED, "import.act_patch", path)
+    out = []
+    for i, r in enumerate(rows):
+        pp = r.get("patch_position") or {}
+        vector = pp.get("intervention_vector")
+        if vector is None:
+            raise UserInputError("import.act_patch", f"row {i} has no patch_position.intervention_vector", "keep it")
+        out.append({
+            "pair_id": i, "split": split, "relation": r.get("relation", ""), "chunk": -1,
+            "layer": [int(x) for x in r["layer"]], "input_text": "".join(r["input_tokens"]),
+            "input_tokens": list(r["input_tokens"]), "original_continuation": list(r["original_continuation"]),
+            "ablated_continuation": list(r["ablated_continuation"]), "original_token_id": -1, "ablated_token_id": -1,
+            "is_different": bool(r["is_different"]), "orig_pos": int(pp.get("orig_pos", -1)),
+            "orig_text_token": pp.get("orig_text_token", ""), "counterfact_pos": int(pp.get("counterfact_pos", -1)),
+            "counterfact_text_token": pp.get("counterfact_text_token", ""),
+            "intervention_vector": np.asarray(vector, dtype=np.float32),
+            "counterfactual_text": r.get("counterfactual_text", ""), "gt_original_target": r.get("gt_original_target", ""),
+            "gt_counterfactual_target": r.get("gt_counterfactual_target", ""), "options": [],
+            "token_type": r.get("token_type", "other"), "token_string": pp.get("orig_text_token", ""),
+        })  # fmt: skip
+    return out
+
+
+def import_input_ablation(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """Public input-ablation rows as `ablation_gt` rows; a null changed flag is derived from the predictions."""
+    rows = read_rows(path, "import.input_ablation")
+    _require(rows, ABLATION_REQUIRED, "import.input_ablation", path)
+    out = []
+    for i, r in enumerate(rows):
+        changed = r["random_hint_prediction"] != r["zeroshot_prediction"]
+        if r.get("changed_pred_bc_hint") is not None and bool(r["changed_pred_bc_hint"]) != changed:
+            raise UserInputError(
+                "import.input_ablation", f"row {i}: changed_pred_bc_hint contradicts the two predictions", "fix the row"
+            )
+        out.append({
+            "index": int(r.get("index", i)), "question_id": int(r.get("index", i)), "split": split,
+            "question": r["question"], "choices": list(r["choices"]), "correct_answer": str(r.get("correct_answer", "")),
+            "subject": r.get("subject", ""), "hint": r.get("hint", ""), "system_prompt": r.get("system_prompt", ""),
+            "original_user_prompt": r.get("original_user_prompt", ""), "hint_user_prompt": r["hint_user_prompt"],
+            "original_prompt_full": r.get("original_prompt_full", ""), "hint_prompt_full": r.get("hint_prompt_full", ""),
+            "zeroshot_prediction": r["zeroshot_prediction"], "random_hint_prediction": r["random_hint_prediction"],
+            "zeroshot_greedy_token": "", "hint_greedy_token": "", "changed_pred_bc_hint": changed,
+        })  # fmt: skip
+    return out
