@@ -150,9 +150,6 @@ class Dataset:
     def summary(self) -> dict[str, Any]:
         return json.loads((self.path / "_COMPLETE.json").read_text())
 
-    def info(self) -> dict[str, Any]:
-        return json.loads((self.path / "_dataset.json").read_text())
-
     def iter_shards(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """Read completed shards one at a time (memory stays at one shard)."""
         for path in self.shard_files():

@@ -10,7 +10,6 @@ import importlib
 import importlib.util
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,17 +336,3 @@ def load(cfg: ModelConfig) -> LoadedModel:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, runtime, resolved)
-
-
-@contextlib.contextmanager
-def offline_hub() -> Iterator[None]:
-    """Run a block with the HF hub switched off (tests prove nothing reaches for the network)."""
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
