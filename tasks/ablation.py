@@ -18,7 +18,7 @@ from tasks import models
 from tasks.config import AblationConfig, AblationRecipe
 from tasks.facts import Question, load_questions
 from tasks.models import LoadedModel
-from tasks.orchestration import stage_task
+from tasks.orchestration import complete_or, stage_task
 
 STAGE = "ablation_gt"
 STAGE_VERSION = 1
@@ -122,6 +122,4 @@ def ablation_key(recipe: AblationRecipe) -> str:
 def ablation_ground_truth(recipe: AblationRecipe) -> dict[str, Any]:
     """Ask every question with and without the hint and write `ablation_gt`."""
     out = Dataset(store_root(recipe.home), STAGE, ablation_key(recipe))
-    if out.is_complete():
-        return {"path": str(out.path), **out.summary()}
-    return {"path": str(out.path), **write_ablation_gt(models.load(recipe.target), recipe.ablation, out)}
+    return complete_or(out, lambda: write_ablation_gt(models.load(recipe.target), recipe.ablation, out))

@@ -20,7 +20,7 @@ from tasks import corpus, models
 from tasks.config import CacheConfig, CacheRecipe
 from tasks.corpus import read_token_shard
 from tasks.models import LoadedModel, decoder_layers
-from tasks.orchestration import stage_task
+from tasks.orchestration import complete_or, stage_task
 
 STAGE = "activations"
 STAGE_VERSION = 1
@@ -205,8 +205,5 @@ def activations_dataset(plan: CachePlan) -> Dataset:
 def cache_residual_stream(recipe: CacheRecipe, plan: CachePlan) -> dict[str, Any]:
     """Load the model and cache its residual stream over the tokenised corpus."""
     out = activations_dataset(plan)
-    if out.is_complete():  # done in an earlier run: no need to load the model
-        return {"path": str(out.path), **out.summary(), "shards_written": 0, "shards_skipped": out.summary()["shards"]}
-    lm = models.load(recipe.model)
-    summary = write_activations(lm, recipe.cache, corpus.tokens_dataset(plan.home, plan.tokens_key), out)
-    return {"path": str(out.path), **summary}
+    tokens = corpus.tokens_dataset(plan.home, plan.tokens_key)
+    return complete_or(out, lambda: write_activations(models.load(recipe.model), recipe.cache, tokens, out))

@@ -18,6 +18,7 @@ generation prefix equals the training prefix token for token.
 
 import json
 import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,7 +253,7 @@ class Explainer(nn.Module):
     def _generate_batch(self, queries: Sequence[Query], max_new_tokens: int, use_cache: bool) -> list[str]:
         b = self.collate(queries, train=False)
         ids, mask = b["input_ids"], b["attention_mask"]  # [B, T] left-padded
-        eos = set(_as_list(self.lm.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
+        eos = self.stop_ids
         new = torch.empty((len(queries), 0), dtype=torch.long, device=ids.device)
         done = torch.zeros(len(queries), dtype=torch.bool, device=ids.device)
         past = None
@@ -289,8 +290,13 @@ class Explainer(nn.Module):
                 break
         return [_cut(self._decode(row)) for row in new]
 
+    @property
+    def stop_ids(self) -> set[int]:
+        """EOS ids: the tokenizer's, plus the generation config's (Gemma's <end_of_turn>)."""
+        return set(_as_list(self.lm.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
+
     def _decode(self, row: torch.Tensor) -> str:
-        eos = set(_as_list(self.lm.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
+        eos = self.stop_ids
         ids = row.tolist()
         for i, t in enumerate(ids):
             if t in eos:
@@ -369,7 +375,7 @@ class TrainResult:
     tokens_per_s: float
 
 
-def batches(items: Sequence[Query], size: int, rng: random.Random, explainer: Explainer) -> Iterator[list[Query]]:
+def batches(items: Sequence[Query], size: int, rng: random.Random) -> Iterator[list[Query]]:
     """Length-grouped batches in a seeded order: shuffle, sort within windows of 50 batches, shuffle batches."""
     order = list(range(len(items)))
     rng.shuffle(order)
@@ -385,9 +391,6 @@ def batches(items: Sequence[Query], size: int, rng: random.Random, explainer: Ex
 
 def train(explainer: Explainer, train_set: Sequence[Query], val_set: Sequence[Query], progress=None) -> TrainResult:
     """AdamW at a constant LR; keeps the weights of the epoch with the best validation loss (early stop)."""
-    import copy
-    import time
-
     cfg = explainer.cfg
     if not train_set:
         raise UserInputError("explainer", "no training examples", "lower min_exemplars or cache more tokens")
@@ -402,7 +405,7 @@ def train(explainer: Explainer, train_set: Sequence[Query], val_set: Sequence[Qu
     for epoch in range(cfg.epochs):
         explainer.model.train()
         total = 0.0
-        for i, qs in enumerate(batches(train_set, cfg.batch_size, rng, explainer)):
+        for i, qs in enumerate(batches(train_set, cfg.batch_size, rng)):
             batch = explainer.collate(qs, train=True)
             loss = explainer.loss(batch)
             opt.zero_grad(set_to_none=True)
@@ -424,7 +427,7 @@ def train(explainer: Explainer, train_set: Sequence[Query], val_set: Sequence[Qu
         elif val_set:
             break  # validation loss rose: stop, keep the best epoch
     if best_state is not None:
-        explainer.load_state_dict({**explainer.state_dict(), **copy.deepcopy(best_state)})
+        explainer.load_state_dict({**explainer.state_dict(), **best_state})
     explainer.model.eval()
     return TrainResult(
         steps, len(train_losses), best_epoch, train_losses, val_losses, n_tokens / (time.perf_counter() - t0)

@@ -28,6 +28,13 @@ def retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
     return isinstance(exc, BaseException) and is_transient(exc)
 
 
+def complete_or(out: Dataset, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The summary of `out` when a previous run completed it (no model is loaded), else `compute()`'s."""
+    if out.is_complete():
+        return {"path": str(out.path), **out.summary()}
+    return {"path": str(out.path), **compute()}
+
+
 def stage_task(name: str, output: Callable[[dict[str, Any]], Dataset], **options: Any) -> Callable:
     """Decorator for a stage's task: `output(parameters)` names the dataset the task writes."""
 

@@ -11,6 +11,7 @@ position x chunk) run as a batch, each row with its own hook target, and only th
 are computed. Facts are split into train/test by subject before pairing, so no prompt crosses splits (R15).
 """
 
+import contextlib
 import json
 import random
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from tasks import models
 from tasks.config import PatchingConfig, PatchingRecipe
 from tasks.facts import Fact, load_facts
 from tasks.models import LoadedModel, decoder_layers
-from tasks.orchestration import progress_reporter, stage_task
+from tasks.orchestration import complete_or, progress_reporter, stage_task
 
 STAGE = "patching_gt"
 STAGE_VERSION = 1
@@ -196,7 +197,7 @@ def next_tokens(lm: LoadedModel, ids: list[int], patches: list[tuple[list[int], 
         chunk = patches_iter[start : start + batch_size]
         x = torch.tensor([ids] * len(chunk), device=lm.runtime.device)
         if chunk[0] is None:
-            ctx = _NoPatch()
+            ctx = contextlib.nullcontext()
         else:
             ctx = _Patch(
                 lm, [c[0] for c in chunk], torch.tensor([c[1] for c in chunk]), torch.stack([c[2] for c in chunk])
@@ -205,14 +206,6 @@ def next_tokens(lm: LoadedModel, ids: list[int], patches: list[tuple[list[int], 
             logits = lm.model(input_ids=x, logits_to_keep=1).logits[:, -1]
         out += logits.argmax(-1).tolist()
     return out
-
-
-class _NoPatch:
-    def __enter__(self) -> "_NoPatch":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def sweep_pair(
@@ -240,7 +233,8 @@ def sweep_pair(
         aligned = sorted(must + rng.sample(rest, max(0, cfg.positions_per_pair - len(must))))
     h_prime = all_layers(lm, tp.ids)  # [n_layers, T', d]
     clean = next_tokens(lm, tx.ids, None, 1)[0]
-    patches = [(chunk, t, h_prime[chunk, tprime].mean(0)) for chunk in chunks for t, tprime in aligned]
+    sweep = [(chunk, t, tprime) for chunk in chunks for t, tprime in aligned]
+    patches = [(chunk, t, h_prime[chunk, tprime].mean(0)) for chunk, t, tprime in sweep]
     patched = next_tokens(lm, tx.ids, patches, cfg.batch_size)
     tok = lm.tokenizer
     strings = tok.convert_ids_to_tokens(tx.ids)
@@ -248,8 +242,7 @@ def sweep_pair(
     option_first = {tok(" " + o, add_special_tokens=False)["input_ids"][0] for o in pair.options}
     option_first |= {tok(o, add_special_tokens=False)["input_ids"][0] for o in pair.options}
     rows = []
-    for (chunk, t, v), new in zip(patches, patched, strict=True):
-        tprime = t if t < sx else ep if t == ex_ else t + shift
+    for (chunk, t, tprime), (_, _, v), new in zip(sweep, patches, patched, strict=True):
         rows.append({
             "pair_id": pair_id, "split": pair.split, "relation": pair.x.relation, "chunk": chunks.index(chunk),
             "layer": chunk, "input_text": text_x, "input_tokens": [tok.decode([i]) for i in tx.ids],
@@ -300,10 +293,8 @@ def write_patching_gt(lm: LoadedModel, cfg: PatchingConfig, out: Dataset, progre
             pair_rows, ok = sweep_pair(lm, pairs[i], chunks, cfg, i)
             rows += pair_rows
             on_option.append({"pair_id": i, "clean_is_option": ok, "swept": bool(pair_rows)})
-        table = _to_table(rows, lm.d_model)
-        meta = pa.Table.from_pylist(on_option)
-        raw.write_shard(shard, table)
-        (raw.path / f"pairs-{shard:05d}.json").write_text(json.dumps(meta.to_pylist()))
+        raw.write_shard(shard, _to_table(rows, lm.d_model))
+        (raw.path / f"pairs-{shard:05d}.json").write_text(json.dumps(on_option))
         if progress:
             progress((shard + 1) / n_shards, f"{len(rows)} patches")
     raw.mark_complete({"pairs": len(pairs)})
@@ -347,7 +338,5 @@ def patching_key(recipe: PatchingRecipe) -> str:
 def patching_ground_truth(recipe: PatchingRecipe) -> dict[str, Any]:
     """Sweep the counterfactual pairs and write the balanced `patching_gt` table."""
     out = Dataset(store_root(recipe.home), STAGE, patching_key(recipe))
-    if out.is_complete():
-        return {"path": str(out.path), **out.summary()}
     progress = progress_reporter("patching-sweep", "activation-patching sweep")
-    return {"path": str(out.path), **write_patching_gt(models.load(recipe.target), recipe.patching, out, progress)}
+    return complete_or(out, lambda: write_patching_gt(models.load(recipe.target), recipe.patching, out, progress))

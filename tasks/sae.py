@@ -145,7 +145,10 @@ def write_sae_layer(
     else:
         sae, scale, metrics = train_topk_sae(x, cfg, device)
     sae_dir = out.path / f"layer_{layer}"
-    sae.save_inference_model(sae_dir) if hasattr(sae, "save_inference_model") else sae.save_model(sae_dir)
+    if hasattr(sae, "save_inference_model"):  # a training SAE saves its inference form
+        sae.save_inference_model(sae_dir)
+    else:
+        sae.save_model(sae_dir)
     rows, feats, vals = encode(sae, x, scale, device)
     fa = pa.table(
         {
