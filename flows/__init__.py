@@ -4,8 +4,8 @@ from flows.ablation import ablation
 from flows.cache_activations import cache_activations
 from flows.features import features
 from flows.patching import patching
-from tasks import models
 from tasks.activations import plan_cache
+from tasks.explain_outcomes import check_recipe as check_outcome_recipe
 from tasks.features import check_recipe
 
 FLOWS = {"cache-activations": cache_activations, "features": features, "patching": patching, "ablation": ablation}
@@ -13,6 +13,6 @@ FLOWS = {"cache-activations": cache_activations, "features": features, "patching
 VALIDATORS = {
     "cache-activations": plan_cache,
     "features": check_recipe,
-    "patching": lambda r: models.resolve(r.target),
-    "ablation": lambda r: models.resolve(r.target),
+    "patching": check_outcome_recipe,
+    "ablation": check_outcome_recipe,
 }

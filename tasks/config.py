@@ -179,6 +179,12 @@ class PatchingConfig(StrictModel):
     pairs_per_shard: int = Field(10, gt=0, description="Pairs per sweep shard (the unit of resume).")
     cell_cap: int = Field(60, gt=0, description="Balancing: at most this many rows per (token type, chunk, changed).")
     seed: int = Field(0, description="Seed of pairing, options, positions and balancing.")
+    import_train: str | None = Field(
+        None,
+        description="Instead of sweeping: a public act_patch dataset (.parquet/.json/.jsonl or save_to_disk "
+        "folder) imported as the train split; needs import_test too.",
+    )
+    import_test: str | None = Field(None, description="The public act_patch test split to import with import_train.")
 
 
 class AblationConfig(StrictModel):
@@ -195,6 +201,14 @@ class AblationConfig(StrictModel):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of questions held out as test.")
     batch_size: int = Field(16, gt=0, description="Prompts per forward pass.")
     seed: int = Field(0, description="Seed of hint letters and the split.")
+    import_train: str | None = Field(
+        None,
+        description="Instead of asking the target: a public input_ablation dataset (.parquet/.json/.jsonl or "
+        "save_to_disk folder) imported as the train split; needs import_test too.",
+    )
+    import_test: str | None = Field(
+        None, description="The public input_ablation test split to import with import_train."
+    )
 
 
 class FeatureEvalConfig(StrictModel):
@@ -228,12 +242,38 @@ class FeatureEvalConfig(StrictModel):
     )
 
 
-def _self_explainer() -> "ExplainerConfig":
-    return ExplainerConfig()
+def _self_explainer(**kw: Any) -> "ExplainerConfig":
+    return ExplainerConfig(**kw)
 
 
-def _other_explainer() -> "ExplainerConfig":
-    return ExplainerConfig(model=ModelConfig(name="gemma3-270m"), format="base")
+def _other_explainer(**kw: Any) -> "ExplainerConfig":
+    return ExplainerConfig(model=ModelConfig(name="gemma3-270m"), format="base", **kw)
+
+
+def _outcome_explainers() -> dict[str, "ExplainerConfig"]:
+    # Answers run to ~18 tokens and the untrained baseline may ramble: decode 32.
+    return {"self": _self_explainer(max_new_tokens=32), "other": _other_explainer(max_new_tokens=32)}
+
+
+class OutcomeEvalConfig(StrictModel):
+    """What the patching and ablation flows train and measure (PAPER.md §4.5-4.7, §5.3)."""
+
+    n_train: int | None = Field(
+        None, gt=0, description="Cap on training rows (a seeded sample of the train split); null uses all."
+    )
+    n_test: int | None = Field(
+        None, gt=0, description="Cap on test rows (a seeded sample of the test split); null uses all."
+    )
+    max_prompt_tokens: int = Field(
+        500, gt=0, description="Training rows whose explainer prompt is longer are skipped (the paper's 500)."
+    )
+    no_activation_roles: list[str] = Field(
+        ["self"],
+        description="Patching only: roles that also get an explainer trained without the activation (span "
+        "removed from every template; the '- activation' ablation), evaluated as method no_activation.",
+    )
+    zero_shot: bool = Field(True, description="Also score each explainer's untrained model with the paper's prompt.")
+    seed: int = Field(0, description="Seed of the train/test samples and of template choice at evaluation.")
 
 
 class FeaturesRecipe(StrictModel):
@@ -257,19 +297,32 @@ class FeaturesRecipe(StrictModel):
 
 
 class PatchingRecipe(StrictModel):
-    """Recipe of the patching flow: activation-patching ground truth of the target."""
+    """Recipe of the patching flow: activation-patching ground truth, explainers, baselines, evaluation."""
 
     home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
     target: ModelConfig = Field(default_factory=ModelConfig, description="The frozen target model.")
     patching: PatchingConfig = Field(default_factory=PatchingConfig, description="Pairs, chunks, sweep, balance.")
+    explainers: dict[str, ExplainerConfig] = Field(
+        default_factory=_outcome_explainers,
+        description="Trained explainers by role; 'self' should start from the target's weights.",
+    )
+    eval: OutcomeEvalConfig = Field(default_factory=OutcomeEvalConfig, description="Training caps and baselines.")
 
 
 class AblationRecipe(StrictModel):
-    """Recipe of the ablation flow: hint-removal ground truth of the target."""
+    """Recipe of the ablation flow: hint-removal ground truth, explainers, baselines, evaluation."""
 
     home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
     target: ModelConfig = Field(default_factory=ModelConfig, description="The frozen target model.")
     ablation: AblationConfig = Field(default_factory=AblationConfig, description="Questions and hint.")
+    explainers: dict[str, ExplainerConfig] = Field(
+        default_factory=_outcome_explainers,
+        description="Trained explainers by role; 'self' should start from the target's weights.",
+    )
+    eval: OutcomeEvalConfig = Field(
+        default_factory=lambda: OutcomeEvalConfig(no_activation_roles=[]),
+        description="Training caps and baselines.",
+    )
 
 
 RECIPES: dict[str, type[StrictModel]] = {

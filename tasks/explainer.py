@@ -19,17 +19,19 @@ generation prefix equals the training prefix token for token.
 import json
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from storage.errors import UserInputError
+from storage.store import Dataset
 from tasks import models
 from tasks.config import ExplainerConfig
 
@@ -59,9 +61,9 @@ FEATURE_TEMPLATES_CHAT = (
 class Query:
     """One question for the explainer: a vector from target layer `layer`, a user text, maybe an answer."""
 
-    vector: np.ndarray  # [d_target]
+    vector: np.ndarray | None  # [d_target]; None: a text-only question (no SPAN in the text, nothing injected)
     layer: int
-    text: str  # the question with SPAN inside (a rendered template)
+    text: str  # the question, with SPAN inside when there is a vector
     answer: str | None = None  # the ground-truth explanation (training), None at inference
     example_id: str = ""
     prefix: str = ""  # text the answer continues (SelfIE's "The meaning of the word 'X' is")
@@ -84,11 +86,15 @@ def feature_queries(
 class Explainer(nn.Module):
     """An LM (possibly peft-wrapped) plus the projections Π_ℓ and the placeholder mechanism."""
 
-    def __init__(self, lm: models.LoadedModel, d_target: int, n_target_layers: int, cfg: ExplainerConfig) -> None:
+    def __init__(
+        self, lm: models.LoadedModel, d_target: int | None, n_target_layers: int, cfg: ExplainerConfig
+    ) -> None:
+        """d_target None: a text-only explainer (no vectors, no projection)."""
         super().__init__()
         self.lm, self.cfg = lm, cfg
         self.tokenizer = lm.tokenizer
         self.chat = cfg.format == "chat" or (cfg.format == "auto" and lm.tokenizer.chat_template is not None)
+        d_target = lm.d_model if d_target is None else d_target
         self.d_target, self.n_target_layers = d_target, n_target_layers
         self._add_span_tokens()
         self.payload_id = self.tokenizer.convert_tokens_to_ids(SPAN_TOKENS[1])
@@ -141,16 +147,25 @@ class Explainer(nn.Module):
 
     # -- the mechanism --------------------------------------------------------------------------------------
 
-    def inject(self, input_ids: torch.Tensor, vectors: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+    def inject(
+        self,
+        input_ids: torch.Tensor,
+        vectors: torch.Tensor,
+        layers: torch.Tensor,
+        n_payloads: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """inputs_embeds [B, T, d_E]: token embeddings with the payload row replaced by u = Π_ℓ v.
 
-        input_ids [B, T]; vectors [B, d_M] (float32, as stored); layers [B] (target layer indices).
+        input_ids [B, T]; vectors [B, d_M] (float32, as stored); layers [B] (target layer indices);
+        n_payloads [B]: payload tokens each row must hold (0 for text-only rows; default payloads_per_query).
         """
         embeds = self.model.get_input_embeddings()(input_ids)  # [B, T, d_E]
         is_payload = input_ids == self.payload_id  # [B, T]
         counts = is_payload.sum(dim=1)
-        if not bool((counts == self.payloads_per_query).all()):  # R12: the payload count survived tokenisation
-            raise ValueError(f"each example needs {self.payloads_per_query} payload token(s), got {counts.tolist()}")
+        if n_payloads is None:
+            n_payloads = torch.full_like(counts, self.payloads_per_query)
+        if not bool((counts == n_payloads.to(counts.device)).all()):  # R12: payloads survived tokenisation
+            raise ValueError(f"expected {n_payloads.tolist()} payload token(s) per row, got {counts.tolist()}")
         u = vectors.to(device=embeds.device, dtype=torch.float32)  # [B, d_M]
         if self.proj is not None:
             u = torch.einsum("bed,bd->be", self.proj[layers.to(self.proj.device)].float(), u)  # [B, d_E]
@@ -164,16 +179,17 @@ class Explainer(nn.Module):
         attention_mask: torch.Tensor,
         vectors: torch.Tensor,
         layers: torch.Tensor,
-        labels: torch.Tensor | None = None,
+        n_payloads: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> Any:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left or right padding alike
         with self.lm.runtime.autocast_context():
             return self.model(
-                inputs_embeds=self.inject(input_ids, vectors, layers),
+                inputs_embeds=self.inject(input_ids, vectors, layers, n_payloads),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                labels=labels,
                 use_cache=False,
+                logits_to_keep=logits_to_keep,
             )
 
     # -- tokenisation ---------------------------------------------------------------------------------------
@@ -204,7 +220,8 @@ class Explainer(nn.Module):
     # -- batching -------------------------------------------------------------------------------------------
 
     def collate(self, queries: Sequence[Query], train: bool) -> dict[str, torch.Tensor]:
-        """Pad a batch: right padding for training, left padding for generation (prompts end together)."""
+        """Left-pad a batch, so every sequence ends at the last column: prompts end together for generation,
+        and training answers sit in the last columns, where the loss reads the only logits it computes."""
         pad = self.tokenizer.pad_token_id
         if train:
             pairs = [self.training_example(q) for q in queries]
@@ -215,22 +232,38 @@ class Explainer(nn.Module):
         labels_t = torch.full((len(pairs), width), -100, dtype=torch.long)
         mask_t = torch.zeros((len(pairs), width), dtype=torch.long)
         for i, (ids, labels) in enumerate(pairs):
-            sl = slice(0, len(ids)) if train else slice(width - len(ids), width)
+            sl = slice(width - len(ids), width)
             ids_t[i, sl], labels_t[i, sl], mask_t[i, sl] = torch.tensor(ids), torch.tensor(labels), 1
+        for q in queries:  # R12 on the text side: a payload placeholder iff a vector
+            if (SPAN_TOKENS[1] in q.text) != (q.vector is not None):
+                raise ValueError(f"query {q.example_id!r}: the text must hold a payload exactly when it has a vector")
         device = self.lm.runtime.device
+        zero = np.zeros(self.d_target, dtype=np.float32)
+        vectors = np.stack([zero if q.vector is None else q.vector for q in queries])  # [B, d_M]
         return {
             "input_ids": ids_t.to(device),
             "attention_mask": mask_t.to(device),
             "labels": labels_t.to(device),
-            "vectors": torch.from_numpy(np.stack([q.vector for q in queries])).to(device),
+            "vectors": torch.from_numpy(vectors).to(device),
             "layers": torch.tensor([q.layer for q in queries], dtype=torch.long, device=device),
+            "n_payloads": torch.tensor(
+                [0 if q.vector is None else self.payloads_per_query for q in queries], device=device
+            ),
         }
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens (R4: padding does not change an example's weight)."""
-        out = self.forward(batch["input_ids"], batch["attention_mask"], batch["vectors"], batch["layers"])
-        logits = out.logits[:, :-1].float()  # [B, T-1, V] predicts tokens 1..T-1
-        targets = batch["labels"][:, 1:]
+        """Mean cross-entropy over answer tokens (R4: padding does not change an example's weight).
+
+        Answers are left-padded into the last columns, so only the last `keep` positions need logits: the
+        vocabulary projection over the whole prompt was half of a training step's time.
+        """
+        labels = batch["labels"]  # [B, T], -100 outside the answers
+        answer_cols = (labels != -100).any(dim=0).nonzero()
+        keep = labels.shape[1] - int(answer_cols.min()) + 1 if len(answer_cols) else 1
+        out = self.forward(batch["input_ids"], batch["attention_mask"], batch["vectors"], batch["layers"],
+                           batch["n_payloads"], logits_to_keep=keep)  # fmt: skip
+        logits = out.logits[:, :-1].float()  # [B, keep-1, V]: positions T-keep..T-2 predict T-keep+1..T-1
+        targets = labels[:, labels.shape[1] - keep + 1 :]  # [B, keep-1]
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
     # -- generation -----------------------------------------------------------------------------------------
@@ -263,7 +296,7 @@ class Explainer(nn.Module):
                     full_ids = torch.cat([ids, new], dim=1)
                     full_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
                     out = self.model(
-                        inputs_embeds=self.inject(full_ids, b["vectors"], b["layers"]),
+                        inputs_embeds=self.inject(full_ids, b["vectors"], b["layers"], b["n_payloads"]),
                         attention_mask=full_mask,
                         position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0),
                         use_cache=use_cache,
@@ -393,7 +426,7 @@ def train(explainer: Explainer, train_set: Sequence[Query], val_set: Sequence[Qu
     """AdamW at a constant LR; keeps the weights of the epoch with the best validation loss (early stop)."""
     cfg = explainer.cfg
     if not train_set:
-        raise UserInputError("explainer", "no training examples", "lower min_exemplars or cache more tokens")
+        raise UserInputError("explainer", "no training examples", "give the stage more ground truth")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     params = [p for p in explainer.parameters() if p.requires_grad]
@@ -450,3 +483,31 @@ def evaluate_loss(explainer: Explainer, queries: Sequence[Query], batch_size: in
         total += float(explainer.loss(batch)) * n
         count += n
     return total / max(count, 1)
+
+
+def train_to_checkpoint(
+    out: Dataset,
+    cfg: ExplainerConfig,
+    d_target: int | None,
+    n_target_layers: int,
+    make_queries: Callable[["Explainer"], Sequence[Query]],
+    meta: dict[str, Any],
+    progress=None,
+) -> dict[str, Any]:
+    """Train an explainer of a target (width d_target) on `make_queries(explainer)` (a seeded `val_fraction`
+    held out for early stopping); write its checkpoint and loss history under `out`; mark it complete."""
+    explainer = Explainer(models.load(cfg.model), d_target, n_target_layers, cfg)
+    queries = make_queries(explainer)
+    order = np.random.default_rng(cfg.seed).permutation(len(queries))
+    n_val = int(round(cfg.val_fraction * len(queries)))
+    result = train(explainer, [queries[i] for i in order[n_val:]], [queries[i] for i in order[:n_val]], progress)
+    out.create({"stage": "explainer", "config": cfg.model_dump(), **meta})
+    explainer.save(out.path / "checkpoint", {**meta, "n_train": len(queries)})
+    n = result.epochs_run
+    out.write_shard(0, pa.table({"role": [meta.get("role", "")] * n, "explainer_model": [cfg.model.name] * n,
+                                 "epoch": list(range(n)), "train_loss": result.train_loss,
+                                 "val_loss": result.val_loss}))  # fmt: skip
+    summary = {**meta, "n_train": len(queries), "best_epoch": result.best_epoch, "steps": result.steps,
+               "tokens_per_s": result.tokens_per_s, "model": cfg.model.name}  # fmt: skip
+    out.mark_complete(summary)
+    return summary

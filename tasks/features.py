@@ -31,7 +31,7 @@ from tasks.activations import CachePlan, activations_dataset, plan_cache
 from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig
 from tasks.llm import complete
 from tasks.orchestration import progress_reporter, stage_task
-from tasks.results import Metric, Prediction, write_results
+from tasks.results import Metric, Prediction, record_run
 from tasks.sae import layer_activations, write_exemplars, write_sae_layer
 from tasks.simulate import JUDGE_PROMPT, LMSimulator, SentenceEmbedder, judge_rating, mean_se, simulator_score
 
@@ -229,29 +229,12 @@ def train_explainer(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, role: 
     if out.is_complete():
         return {"path": str(out.path), **out.summary()}
     fs = training_subset(load_feature_set(root, gt_key), recipe.eval.n_train, cfg.seed)
-    target_cfg = models.load_config(recipe.target)
-    explainer = ex.Explainer(models.load(cfg.model), target_cfg.hidden_size, target_cfg.num_hidden_layers, cfg)
-    queries = ex.feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), explainer.chat, cfg.seed)
-    order = np.random.default_rng(cfg.seed).permutation(len(queries))
-    n_val = int(round(cfg.val_fraction * len(queries)))
-    val = [queries[i] for i in order[:n_val]]
-    train_set = [queries[i] for i in order[n_val:]]
-    result = ex.train(explainer, train_set, val, progress=progress)
-    out.create({"stage": "explainer", "role": role, "config": cfg.model_dump(), "gt": gt_key})
-    explainer.save(out.path / "checkpoint", {"role": role, "n_train": len(fs.layer)})
-    history = pa.table(
-        {
-            "role": [role] * result.epochs_run,
-            "explainer_model": [cfg.model.name] * result.epochs_run,
-            "epoch": list(range(result.epochs_run)),
-            "train_loss": result.train_loss,
-            "val_loss": result.val_loss,
-        }
-    )
-    out.write_shard(0, history)
-    summary = {"role": role, "n_train": len(fs.layer), "best_epoch": result.best_epoch, "steps": result.steps,
-               "tokens_per_s": result.tokens_per_s, "model": cfg.model.name}  # fmt: skip
-    out.mark_complete(summary)
+    target = models.load_config(recipe.target)
+    summary = ex.train_to_checkpoint(
+        out, cfg, target.hidden_size, target.num_hidden_layers,
+        lambda e: ex.feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), e.chat, cfg.seed),
+        {"role": role, "gt": gt_key}, progress,
+    )  # fmt: skip
     return {"path": str(out.path), **summary}
 
 
@@ -523,17 +506,9 @@ def evaluate_task(
     """Score every method; write `metrics`, `predictions`, `runs`; publish a table artifact."""
     import time
 
-    from prefect.artifacts import create_table_artifact
     from prefect.logging import get_run_logger
 
     started = time.time()
     metrics, predictions = evaluate(recipe, plan, gt_key, checkpoints, run_id, get_run_logger().info)
-    run = {"flow": "features", "recipe": recipe.model_dump(mode="json"), "config_hash": run_id.split("-", 1)[1],
-           "code_version": f"{STAGE}-v{STAGE_VERSION}", "started_at": started, "status": "completed"}  # fmt: skip
-    counts = write_results(Path(plan.home), run_id, metrics, predictions, run)
-    create_table_artifact(
-        key="features-metrics",
-        table=[{k: v for k, v in m.__dict__.items() if k != "run_id"} for m in metrics],
-        description=f"features: metrics of run {run_id}",
-    )
-    return {"run_id": run_id, **counts}
+    return record_run(Path(plan.home), "features", recipe, run_id, metrics, predictions, started,
+                      f"{STAGE}-v{STAGE_VERSION}")  # fmt: skip

@@ -15,8 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from storage.errors import UserInputError
+from storage.hashing import config_hash, file_sha256
+from storage.store import Dataset
+
+IMPORT_VERSION = 1
 
 ACT_PATCH_REQUIRED = ("layer", "input_tokens", "original_continuation", "ablated_continuation", "is_different")
 ABLATION_REQUIRED = ("question", "choices", "zeroshot_prediction", "random_hint_prediction", "hint_user_prompt")
@@ -100,3 +105,46 @@ def import_input_ablation(path: str | Path, split: str = "train") -> list[dict[s
             "zeroshot_greedy_token": "", "hint_greedy_token": "", "changed_pred_bc_hint": changed,
         })  # fmt: skip
     return out
+
+
+def _digest(path: str) -> str:
+    """sha256 of a file, or of a folder's (relative path, sha256) list."""
+    p = Path(path)
+    if p.is_dir():
+        return config_hash("folder", 1, [(str(f.relative_to(p)), file_sha256(str(f))) for f in sorted(p.rglob("*"))
+                                          if f.is_file()])  # fmt: skip
+    return file_sha256(str(p))
+
+
+def check_import(train: str | None, test: str | None, field: str) -> bool:
+    """True when a public dataset is to be imported; both splits or neither, and both must exist."""
+    if train is None and test is None:
+        return False
+    for name, value in (("import_train", train), ("import_test", test)):
+        if value is None:
+            raise UserInputError(f"{field}.{name}", "is missing", "give both import_train and import_test")
+        if not Path(value).exists():
+            raise UserInputError(f"{field}.{name}", f"{value} does not exist", "point it at the dataset file/folder")
+    return True
+
+
+def import_key(stage: str, train: str, test: str) -> str:
+    """Dataset key of an imported ground truth: the content of both splits, not their paths."""
+    return config_hash(f"{stage}-import", IMPORT_VERSION, {"train": _digest(train), "test": _digest(test)})
+
+
+def write_imported(out: Dataset, rows: list[dict[str, Any]], source: dict[str, str]) -> dict[str, Any]:
+    """Write imported rows as the ground-truth table `out` (one shard) and mark it complete."""
+    out.create({"stage": out.table, "imported_from": source})
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "intervention_vector"}
+    table = pa.table(columns)
+    if "intervention_vector" in rows[0]:
+        vectors = np.stack([r["intervention_vector"] for r in rows]).astype(np.float32)  # [N, d]
+        table = table.append_column(
+            "intervention_vector", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+        )
+    out.write_shard(0, table)
+    summary = {"rows": len(rows), "imported_from": source,
+               "test": sum(r["split"] == "test" for r in rows)}  # fmt: skip
+    out.mark_complete(summary)
+    return summary

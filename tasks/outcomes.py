@@ -49,11 +49,13 @@ class OutcomeScores:
     exact_match: float
     content_match: float
     has_changed_f1: float
+    strict_exact_match: float  # the whole output equals the target sentence (the reference's comparison)
     parse_rate: float
     n: int
     se_exact_match: float
     se_content_match: float
     se_has_changed_f1: float
+    se_strict_exact_match: float
 
 
 def _macro_f1(gold: np.ndarray, pred: list[bool | None]) -> float:
@@ -66,48 +68,111 @@ def _macro_f1(gold: np.ndarray, pred: list[bool | None]) -> float:
     return float(np.mean(f1s))
 
 
+def item_exact_match(outputs: Sequence[str], gold: Sequence[tuple[bool, str]]) -> np.ndarray:
+    """Per output: parsed flag and normalised content both equal the gold ones (unparseable: False). [N]"""
+    parsed = [parse(o) for o in outputs]
+    return np.array([p is not None and p[0] == g and p[1] == c.strip().lower()
+                     for p, (g, c) in zip(parsed, gold, strict=True)], dtype=bool)  # fmt: skip
+
+
 def score(
     outputs: Sequence[str], gold_changed: Sequence[bool], gold_content: Sequence[str], seed: int = 0
 ) -> OutcomeScores:
-    """EM = flag and content; content match; has-changed macro F1 (bootstrap SE); parse rate."""
+    """EM = flag and content; content match; has-changed macro F1 (bootstrap SE); strict EM; parse rate."""
     parsed = [parse(o) for o in outputs]
     gold = np.asarray(gold_changed, dtype=bool)
     content = [c.strip().lower() for c in gold_content]
     flag = [None if p is None else p[0] for p in parsed]
     cm = np.array([p is not None and p[1] == c for p, c in zip(parsed, content, strict=True)], dtype=float)
-    em = np.array([p is not None and p[0] == g and p[1] == c for p, g, c in zip(parsed, gold, content, strict=True)],
-                  dtype=float)  # fmt: skip
+    em = item_exact_match(outputs, list(zip(gold_changed, gold_content, strict=True))).astype(float)
+    strict = np.array([o.strip() == target(bool(g), c) for o, g, c in zip(outputs, gold, gold_content, strict=True)],
+                      dtype=float)  # fmt: skip
     n = len(outputs)
     f1 = _macro_f1(gold, flag)
     rng = np.random.default_rng(seed)
     boots = [_macro_f1(gold[idx], [flag[i] for i in idx]) for idx in (rng.integers(0, n, n) for _ in range(200))]
     binom = lambda p: float(np.sqrt(p * (1 - p) / max(n, 1)))  # noqa: E731
-    return OutcomeScores(float(em.mean()), float(cm.mean()), f1, float(np.mean([p is not None for p in parsed])), n,
-                         binom(em.mean()), binom(cm.mean()), float(np.std(boots)))  # fmt: skip
+    return OutcomeScores(float(em.mean()), float(cm.mean()), f1, float(strict.mean()),
+                         float(np.mean([p is not None for p in parsed])), n, binom(em.mean()), binom(cm.mean()),
+                         float(np.std(boots)), binom(strict.mean()))  # fmt: skip
 
 
-def patching_queries(rows: Sequence[dict], seed: int, with_answer: bool) -> list[Query]:
-    """Task B queries from `patching_gt` rows: v = the chunk-mean vector; Π (if any) indexed by the chunk's first layer."""
+# Untrained baselines: the question, then the paper's answer-format instructions (App. H.2 / H.3).
+ZERO_SHOT_PATCHING = (
+    "If feature {feature} at layer {layer} is inserted into token {tokens} when processing the text <<<{input}>>>, "
+    "how would the output change?\n"
+    "Respond with exactly one of the two options below, and nothing else:\n"
+    "The output would remain unchanged from <<<X>>>.\n"
+    "The output would change to <<<X>>>.\n"
+    "Replace X with the next token of the answer following the input. Make sure X is a *single* next token.\n"
+    "Example Outputs:\n"
+    "The output would remain unchanged from <<<Paris>>>.\n"
+    "The output would change to <<<doctor>>>.\n"
+    "The output would remain unchanged from <<<Apple>>>.\n"
+    "The output would change to <<<unknown>>>."
+)
+ZERO_SHOT_ABLATION = (
+    "\nRespond with exactly one of the two options below, and nothing else:\n"
+    "The output would remain unchanged from <<<Answer: X>>>.\n"
+    "The output would change to <<<Answer: X>>>.\n"
+    "Replace X with the answer letter (A, B, C, or D). Do not include any explanations, reasoning, or extra text.\n"
+    "Example outputs:\n"
+    "The output would remain unchanged from <<<Answer: C>>>.\n"
+    "The output would change to <<<Answer: B>>>."
+)
+# How a question is put: the trained templates; the same with v = 0 (R8) or without the span ("- activation",
+# §4.8); the untrained baseline's prompt.
+MODES = ("trained", "zero_vector", "no_activation", "zero_shot")
+
+
+def gold(task: str, row: dict) -> tuple[bool, str]:
+    """(changed, content) of a ground-truth row: the patched next token (B) or 'Answer: <no-hint letter>' (C)."""
+    if task == "patching":
+        return bool(row["is_different"]), row["ablated_continuation"][0]
+    return bool(row["changed_pred_bc_hint"]), f"Answer: {row['zeroshot_prediction']}"
+
+
+def queries(task: str, rows: Sequence[dict], mode: str, seed: int, with_answer: bool) -> list[Query]:
+    """Explainer questions for `patching_gt` or `ablation_gt` rows; one template drawn per row with a seeded RNG,
+    so every mode asks about the same row in the same words."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    make = _patching_query if task == "patching" else _ablation_query
     rng = random.Random(seed)
     out = []
     for r in rows:
-        text = rng.choice(PATCHING_TEMPLATES).format(
-            feature=SPAN,
-            layer=", ".join(str(x) for x in r["layer"]),
-            tokens=f"<{r['orig_text_token']}>",
-            input=r["input_text"],
-        )
-        answer = target(r["is_different"], r["ablated_continuation"][0]) if with_answer else None
-        out.append(Query(np.asarray(r["intervention_vector"], dtype=np.float32), int(r["layer"][0]), text, answer,
-                         f"pair{r['pair_id']}/c{r['chunk']}/t{r['orig_pos']}"))  # fmt: skip
+        q = make(r, mode, rng)
+        answer = target(*gold(task, r)) if with_answer else None
+        out.append(Query(q.vector, q.layer, q.text, answer, q.example_id, system=q.system))
     return out
 
 
-def ablation_queries(rows: Sequence[dict], d_target: int, with_answer: bool) -> list[Query]:
-    """Task C queries from `ablation_gt` rows: no vector (the explainer runs with zero payloads)."""
-    out = []
-    for r in rows:
-        answer = target(r["changed_pred_bc_hint"], f"Answer: {r['zeroshot_prediction']}") if with_answer else None
-        out.append(Query(np.zeros(d_target, dtype=np.float32), 0, r["hint_user_prompt"] + ABLATION_QUESTION, answer,
-                         f"q{r['index']}", system=r["system_prompt"]))  # fmt: skip
-    return out
+def _patching_query(r: dict, mode: str, rng: random.Random) -> Query:
+    """v = the chunk-mean vector; Π (if any) is indexed by the chunk's first layer."""
+    template = rng.choice(PATCHING_TEMPLATES)
+    fields = {"layer": ", ".join(str(x) for x in r["layer"]), "tokens": f"<{r['orig_text_token']}>",
+              "input": r["input_text"]}  # fmt: skip
+    if mode == "zero_shot":
+        template = ZERO_SHOT_PATCHING
+    vector = np.asarray(r["intervention_vector"], dtype=np.float32)
+    if mode == "zero_vector":
+        vector = np.zeros_like(vector)
+    if mode == "no_activation":
+        text, vector = template.format(feature="", **fields).replace("feature  at", "feature at"), None
+    else:
+        text = template.format(feature=SPAN, **fields)
+    return Query(vector, int(r["layer"][0]), text, None, example_id("patching", r))
+
+
+def _ablation_query(r: dict, mode: str, rng: random.Random) -> Query:
+    """The hinted prompt under the target's own system prompt; no vector (§5.3)."""
+    if mode in ("zero_vector", "no_activation"):
+        raise ValueError(f"mode {mode!r} needs a vector; ablation questions carry none")
+    text = r["hint_user_prompt"] + ABLATION_QUESTION + (ZERO_SHOT_ABLATION if mode == "zero_shot" else "")
+    return Query(None, 0, text, None, example_id("ablation", r), system=r["system_prompt"])
+
+
+def example_id(task: str, r: dict) -> str:
+    if task == "patching":
+        return f"pair{r['pair_id']}/c{r['chunk']}/t{r['orig_pos']}"
+    return f"q{r['question_id']}/{r['index']}"

@@ -81,3 +81,27 @@ def write_results(
         ds.write_shard(0, table)
         ds.mark_complete({"rows": table.num_rows})
     return {k: v.num_rows for k, v in tables.items()}
+
+
+def record_run(
+    root: Path,
+    flow: str,
+    recipe: Any,
+    run_id: str,
+    metrics: list[Metric],
+    predictions: list[Prediction],
+    started: float,
+    code_version: str,
+) -> dict[str, Any]:
+    """Write the run's result tables and publish its metrics as a table artifact (key `<flow>-metrics`)."""
+    from prefect.artifacts import create_table_artifact
+
+    run = {"flow": flow, "recipe": recipe.model_dump(mode="json"), "config_hash": run_id.split("-", 1)[1],
+           "code_version": code_version, "started_at": started, "status": "completed"}  # fmt: skip
+    counts = write_results(root, run_id, metrics, predictions, run)
+    create_table_artifact(
+        key=f"{flow}-metrics",
+        table=[{k: v for k, v in asdict(m).items() if k != "run_id"} for m in metrics],
+        description=f"{flow}: metrics of run {run_id}",
+    )
+    return {"run_id": run_id, **counts}

@@ -1,0 +1,249 @@
+"""Tasks B and C after the ground truth: train explainers of outcomes and score them against the baselines
+(PAPER.md §4.5-4.8, §5.3). Shared by the patching and ablation flows.
+
+Train: each role's explainer learns `patching_gt` / `ablation_gt` train rows (a seeded `n_train` sample) with
+the paper's templates and target sentences; patching carries v as a continuous token, ablation none. For
+patching, roles in `no_activation_roles` also get an explainer trained with the span removed from every
+template (the "- activation" ablation): what the text alone predicts.
+
+Evaluate on the test split (a seeded `n_test` sample), every method on the same rows:
+  trained        the fine-tuned explainer
+  zero_vector    patching: the trained explainer, same prompts, v = 0 (does it read v at all?)
+  no_activation  patching: the explainer trained without v
+  zero_shot      the explainer's untrained model with the paper's baseline prompt (App. H.2 / H.3)
+  majority       the most frequent target sentence of the train rows
+  position_bias  ablation: the majority flag plus the target's most frequent no-hint letter in train
+Metrics (tasks.outcomes.score): exact_match, has_changed_f1, content_match with SEs, parse_rate,
+strict_exact_match (whole-string, to compare with the paper's untrained rows), and exact_match per gold class.
+"""
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage.errors import UserInputError
+from storage.hashing import config_hash
+from storage.store import Dataset, store_root
+from tasks import explainer as ex
+from tasks import models, outcomes
+from tasks.ablation import ablation_key
+from tasks.config import AblationRecipe, ExplainerConfig, PatchingRecipe
+from tasks.importers import check_import
+from tasks.orchestration import progress_reporter, stage_task
+from tasks.patching import patching_key
+from tasks.results import Metric, Prediction, record_run
+
+STAGE_VERSION = 1  # explainer checkpoints
+EVAL_VERSION = 1  # evaluation only: bumping it re-scores without retraining
+OutcomeRecipe = PatchingRecipe | AblationRecipe
+
+
+def task_name(recipe: OutcomeRecipe) -> str:
+    return "patching" if isinstance(recipe, PatchingRecipe) else "ablation"
+
+
+def ground_truth(recipe: OutcomeRecipe) -> Dataset:
+    """The task's ground-truth dataset (built or imported by the flow's first stage)."""
+    if isinstance(recipe, PatchingRecipe):
+        return Dataset(store_root(recipe.home), "patching_gt", patching_key(recipe))
+    return Dataset(store_root(recipe.home), "ablation_gt", ablation_key(recipe))
+
+
+def check_recipe(recipe: OutcomeRecipe) -> None:
+    """Validate before anything runs: the ground-truth source, every explainer's model, the role lists."""
+    cfg = recipe.patching if isinstance(recipe, PatchingRecipe) else recipe.ablation
+    if not check_import(cfg.import_train, cfg.import_test, task_name(recipe)):
+        models.resolve(recipe.target)
+    for role, explainer in recipe.explainers.items():
+        try:
+            models.resolve(explainer.model)
+        except UserInputError as err:
+            raise UserInputError(f"explainers.{role}.model.name", err.problem, err.fix) from None
+    unknown = [r for r in recipe.eval.no_activation_roles if r not in recipe.explainers]
+    if unknown:
+        raise UserInputError("eval.no_activation_roles", f"{unknown} are not explainer roles",
+                             f"use roles of `explainers`: {sorted(recipe.explainers)}")  # fmt: skip
+    if isinstance(recipe, AblationRecipe) and recipe.eval.no_activation_roles:
+        raise UserInputError("eval.no_activation_roles", "ablation questions carry no activation", "set it to []")
+
+
+def load_rows(gt: Dataset, split: str, cap: int | None, seed: int) -> list[dict[str, Any]]:
+    """Rows of one split, in table order; a seeded sample of `cap` of them when there are more."""
+    rows = [r for t in gt.iter_shards() for r in t.to_pylist() if r["split"] == split]
+    if cap is not None and cap < len(rows):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(rows))[:cap])
+        rows = [rows[i] for i in keep]
+    return rows
+
+
+def target_dims(task: str, rows: list[dict[str, Any]]) -> tuple[int | None, int]:
+    """(d_target, target layers) read off the vectors, so imported ground truth of any target works;
+    ablation carries no vector (None: the explainer's own width, no projection)."""
+    if task == "ablation":
+        return None, 1
+    return len(rows[0]["intervention_vector"]), 1 + max(max(r["layer"]) for r in rows)
+
+
+def _mode(variant: str) -> str:
+    return "no_activation" if variant == "no_activation" else "trained"
+
+
+def explainer_key(recipe: OutcomeRecipe, role: str, variant: str) -> str:
+    ev = recipe.eval
+    return config_hash(
+        "outcome-explainer", STAGE_VERSION,
+        {"gt": ground_truth(recipe).key, "role": role, "variant": variant, "cfg": recipe.explainers[role],
+         "n_train": ev.n_train, "seed": ev.seed, "max_prompt_tokens": ev.max_prompt_tokens},
+    )  # fmt: skip
+
+
+def explainer_dataset(recipe: OutcomeRecipe, role: str, variant: str) -> Dataset:
+    return Dataset(store_root(recipe.home), "explainers", explainer_key(recipe, role, variant))
+
+
+def variants(recipe: OutcomeRecipe) -> list[tuple[str, str]]:
+    """(role, variant) of every explainer the flow trains."""
+    out = [(role, "trained") for role in recipe.explainers]
+    if isinstance(recipe, PatchingRecipe):
+        out += [(role, "no_activation") for role in recipe.eval.no_activation_roles]
+    return out
+
+
+def train_outcome_explainer(recipe: OutcomeRecipe, role: str, variant: str, progress=None) -> dict[str, Any]:
+    """Fine-tune the explainer of `role` on the train rows; checkpoint under tables/explainers/<key>."""
+    out = explainer_dataset(recipe, role, variant)
+    if out.is_complete():
+        return {"path": str(out.path), **out.summary()}
+    task, cfg, ev = task_name(recipe), recipe.explainers[role], recipe.eval
+    gt = ground_truth(recipe)
+    rows = load_rows(gt, "train", ev.n_train, ev.seed)
+
+    def make_queries(e: ex.Explainer) -> list[ex.Query]:
+        qs = outcomes.queries(task, rows, _mode(variant), cfg.seed, with_answer=True)
+        eos = e.tokenizer.eos_token
+        # The paper's filters: no continuation holding the explainer's EOS; prompts up to max_prompt_tokens.
+        kept = [q for q in qs if eos not in q.answer and len(e.prompt_ids(q)) <= ev.max_prompt_tokens]
+        if qs and not kept:
+            raise UserInputError("eval.max_prompt_tokens", f"every training prompt is longer than "
+                                 f"{ev.max_prompt_tokens} explainer tokens", "raise it")  # fmt: skip
+        return kept
+
+    d_target, n_layers = target_dims(task, rows)
+    meta = {"role": role, "variant": variant, "task": task, "gt": gt.key}
+    summary = ex.train_to_checkpoint(out, cfg, d_target, n_layers, make_queries, meta, progress)
+    return {"path": str(out.path), **summary}
+
+
+def evaluation_run_id(recipe: OutcomeRecipe) -> str:
+    """Deterministic run id: a rerun of the same recipe finds its results instead of duplicating rows."""
+    keys = {f"{r}/{v}": explainer_key(recipe, r, v) for r, v in variants(recipe)}
+    task = task_name(recipe)
+    return f"{task}-" + config_hash(
+        f"{task}-eval", EVAL_VERSION,
+        {"gt": ground_truth(recipe).key, "explainers": keys, "eval": recipe.eval, "target": recipe.target},
+    )  # fmt: skip
+
+
+def baselines(task: str, train: list[dict[str, Any]], n: int) -> dict[str, list[str]]:
+    """Answers that ignore the question: the most frequent train target, and (ablation) the position bias."""
+    golds = [outcomes.gold(task, r) for r in train]
+    out = {"majority": [outcomes.target(*Counter(golds).most_common(1)[0][0])] * n}
+    if task == "ablation":
+        flag = Counter(g[0] for g in golds).most_common(1)[0][0]
+        letter = Counter(r["zeroshot_prediction"] for r in train).most_common(1)[0][0]
+        out["position_bias"] = [outcomes.target(flag, f"Answer: {letter}")] * n
+    return out
+
+
+def zero_shot(recipe: OutcomeRecipe, role: str, test: list[dict[str, Any]], dims: tuple[int | None, int]) -> list[str]:
+    """The untrained model of `role`'s explainer, asked with the paper's baseline prompt."""
+    cfg: ExplainerConfig = recipe.explainers[role]
+    untrained = ex.Explainer(models.load(cfg.model), dims[0], dims[1], cfg.model_copy(update={"finetune": "full"}))
+    qs = outcomes.queries(task_name(recipe), test, "zero_shot", recipe.eval.seed, with_answer=False)
+    return untrained.generate(qs, cfg.max_new_tokens, cfg.eval_batch_size)
+
+
+def evaluate(
+    recipe: OutcomeRecipe, checkpoints: dict[str, str], run_id: str, progress=None
+) -> tuple[list[Metric], list[Prediction]]:
+    """Every method on the same test rows; `checkpoints` maps 'role/variant' to an explainer dataset path."""
+    task, ev = task_name(recipe), recipe.eval
+    gt = ground_truth(recipe)
+    train = load_rows(gt, "train", ev.n_train, ev.seed)
+    test = load_rows(gt, "test", ev.n_test, ev.seed)
+    dims = target_dims(task, train)
+    outputs: dict[tuple[str, str], list[str]] = {}  # (method, explainer model) -> one output per test row
+    n_used: dict[tuple[str, str], int] = {}
+    for method, texts in baselines(task, train, len(test)).items():
+        outputs[(method, "")] = texts
+        n_used[(method, "")] = len(train)
+    for name, path in checkpoints.items():
+        role, variant = name.split("/")
+        explainer = ex.Explainer.load(Path(path) / "checkpoint")
+        cfg = recipe.explainers[role]
+        n_train = int(json.loads((Path(path) / "checkpoint" / "explainer.json").read_text())["n_train"])
+        modes = [_mode(variant)] + (["zero_vector"] if task == "patching" and variant == "trained" else [])
+        for mode in modes:
+            qs = outcomes.queries(task, test, mode, ev.seed, with_answer=False)
+            outputs[(mode, cfg.model.name)] = explainer.generate(qs, cfg.max_new_tokens, cfg.eval_batch_size)
+            n_used[(mode, cfg.model.name)] = n_train
+        del explainer
+        if progress:
+            progress(f"{name} explainer decoded {len(test)} test rows")
+    if ev.zero_shot:
+        for role, cfg in recipe.explainers.items():
+            outputs[("zero_shot", cfg.model.name)] = zero_shot(recipe, role, test, dims)
+            n_used[("zero_shot", cfg.model.name)] = 0
+
+    gold = [outcomes.gold(task, r) for r in test]
+    references = [outcomes.target(*g) for g in gold]
+    changed = np.array([g[0] for g in gold])
+    ids = [outcomes.example_id(task, r) for r in test]
+    metrics, predictions = [], []
+    for (method, model), texts in outputs.items():
+        m = dict(run_id=run_id, task=task, target_model=recipe.target.name, explainer_model=model, method=method,
+                 n_train=n_used[(method, model)], seed=ev.seed)  # fmt: skip
+        s = outcomes.score(texts, changed.tolist(), [g[1] for g in gold], ev.seed)
+        for name, value, se in (("exact_match", s.exact_match, s.se_exact_match),
+                                ("has_changed_f1", s.has_changed_f1, s.se_has_changed_f1),
+                                ("content_match", s.content_match, s.se_content_match),
+                                ("strict_exact_match", s.strict_exact_match, s.se_strict_exact_match),
+                                ("parse_rate", s.parse_rate, 0.0)):  # fmt: skip
+            metrics.append(Metric(**m, split="test", metric=name, value=value, se=se, n=s.n))
+        per_item = outcomes.item_exact_match(texts, gold)
+        for cls, label in ((True, "test:changed"), (False, "test:unchanged")):
+            hits = per_item[changed == cls]
+            if len(hits):
+                se = float(np.sqrt(hits.mean() * (1 - hits.mean()) / len(hits)))
+                metrics.append(Metric(**m, split=label, metric="exact_match", value=float(hits.mean()), se=se,
+                                      n=len(hits)))  # fmt: skip
+        for example, text, ref, hit in zip(ids, texts, references, per_item, strict=True):
+            predictions.append(Prediction(run_id, task, example, model, method, "test", text, ref, float(hit)))
+    return metrics, predictions
+
+
+# -- Prefect tasks ----------------------------------------------------------------------------------------
+
+
+@stage_task("train-outcome-explainer", output=lambda p: explainer_dataset(p["recipe"], p["role"], p["variant"]))
+def train_outcome_explainer_task(recipe: OutcomeRecipe, role: str, variant: str) -> dict[str, Any]:
+    """Fine-tune one explainer of outcomes on the train rows."""
+    task = task_name(recipe)
+    progress = progress_reporter(f"train-{task}-explainer-{role}-{variant}".replace("_", "-"),
+                                 f"training the {role} {task} explainer ({variant})")  # fmt: skip
+    return train_outcome_explainer(recipe, role, variant, progress)
+
+
+@stage_task("evaluate-outcomes", output=lambda p: Dataset(store_root(p["recipe"].home), "metrics", p["run_id"]))
+def evaluate_outcomes_task(recipe: OutcomeRecipe, checkpoints: dict[str, str], run_id: str) -> dict[str, Any]:
+    """Score every method; write `metrics`, `predictions`, `runs`; publish a table artifact."""
+    from prefect.logging import get_run_logger
+
+    started = time.time()
+    metrics, predictions = evaluate(recipe, checkpoints, run_id, get_run_logger().info)
+    return record_run(store_root(recipe.home), task_name(recipe), recipe, run_id, metrics, predictions, started,
+                      f"{task_name(recipe)}-v{STAGE_VERSION}.{EVAL_VERSION}")  # fmt: skip

@@ -1,0 +1,84 @@
+"""The patching and ablation flows end to end on tiny models: ground truth, explainers, every method's metrics."""
+
+import pytest
+
+from flows.ablation import ablation
+from flows.patching import patching
+from storage.catalog import connect_read_only
+from tasks.config import AblationRecipe, ExplainerConfig, ModelConfig, PatchingRecipe
+
+TINY = {"autocast": "none"}
+
+
+def tiny_explainers() -> dict[str, ExplainerConfig]:
+    return {
+        "self": ExplainerConfig(model=ModelConfig(name="tiny-llama", **TINY), finetune="full", epochs=1,
+                                max_new_tokens=6, batch_size=8),
+        "other": ExplainerConfig(model=ModelConfig(name="tiny-gemma3", **TINY), format="base", epochs=1, lora_r=4,
+                                 max_new_tokens=6, batch_size=8),
+    }  # fmt: skip
+
+
+def tiny_patching_recipe(home) -> PatchingRecipe:
+    return PatchingRecipe(
+        home=str(home),
+        target=ModelConfig(name="tiny-llama", **TINY),
+        patching={"n_pairs": 6, "positions_per_pair": 6, "n_chunks": 2, "cell_cap": 50, "pairs_per_shard": 3},
+        explainers=tiny_explainers(),
+        eval={"n_train": 24, "n_test": 10, "max_prompt_tokens": 4000},
+    )
+
+
+def tiny_ablation_recipe(home) -> AblationRecipe:
+    return AblationRecipe(
+        home=str(home),
+        target=ModelConfig(name="tiny-llama", **TINY),
+        ablation={"n_questions": 30, "batch_size": 8},
+        explainers=tiny_explainers(),
+        eval={"n_train": 16, "n_test": 8, "no_activation_roles": [], "max_prompt_tokens": 4000},
+    )
+
+
+PATCHING_METHODS = {("trained", "tiny-llama"), ("trained", "tiny-gemma3"), ("zero_vector", "tiny-llama"),
+                    ("zero_vector", "tiny-gemma3"), ("no_activation", "tiny-llama"), ("zero_shot", "tiny-llama"),
+                    ("zero_shot", "tiny-gemma3"), ("majority", "")}  # fmt: skip
+ABLATION_METHODS = {("trained", "tiny-llama"), ("trained", "tiny-gemma3"), ("zero_shot", "tiny-llama"),
+                    ("zero_shot", "tiny-gemma3"), ("majority", ""), ("position_bias", "")}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flow, make, methods, table",
+    [(patching, tiny_patching_recipe, PATCHING_METHODS, "patching_gt"),
+     (ablation, tiny_ablation_recipe, ABLATION_METHODS, "ablation_gt")],
+)  # fmt: skip
+def test_flow_fills_metrics_for_every_method(tmp_path, flow, make, methods, table):
+    recipe = make(tmp_path / "store")
+    result = flow(recipe)
+    con = connect_read_only(tmp_path / "store")
+    n_test = con.execute(f"select count(*) from {table} where split = 'test'").fetchone()[0]
+    got = con.execute("select distinct method, explainer_model from metrics").fetchall()
+    assert set(got) == methods
+    rows = con.execute(
+        "select method, explainer_model, metric, value, se, n from metrics where split = 'test'"
+    ).fetchall()
+    metrics = {(m, e, k): (v, se, n) for m, e, k, v, se, n in rows}
+    for method, model in methods:
+        for name in ("exact_match", "has_changed_f1", "content_match", "strict_exact_match", "parse_rate"):
+            value, se, n = metrics[(method, model, name)]
+            assert 0 <= value <= 1 and se >= 0 and n == min(n_test, recipe.eval.n_test)
+    # The majority baseline always says the same sentence, so it parses and its flag is right on one class only.
+    assert metrics[("majority", "", "parse_rate")][0] == 1.0
+    f1 = metrics[("majority", "", "has_changed_f1")][0]
+    assert f1 <= 0.5 + 1e-9
+    # Predictions: one row per (method, test row); the score is the item's exact match.
+    n_pred = con.execute("select count(*) from predictions").fetchone()[0]
+    assert n_pred == len(methods) * min(n_test, recipe.eval.n_test)
+    em_pred = con.execute("select avg(score) from predictions where method = 'majority'").fetchone()[0]
+    assert em_pred == pytest.approx(metrics[("majority", "", "exact_match")][0])
+    # A rerun finds every stage complete and writes nothing new.
+    again = flow(recipe)
+    assert again["results"]["run_id"] == result["results"]["run_id"]
+    assert (
+        connect_read_only(tmp_path / "store").execute("select count(*) from metrics").fetchone()[0]
+        == len(rows) + con.execute("select count(*) from metrics where split <> 'test'").fetchone()[0]
+    )
