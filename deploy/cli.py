@@ -51,20 +51,9 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str, out: TextIO | No
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    import duckdb
+    from storage.catalog import run_query
 
-    from storage.catalog import connect_read_only
-
-    con = connect_read_only(store_root(args.home))
-    try:
-        cur = con.execute(args.query)
-        columns = [d[0] for d in cur.description] if cur.description else []
-        rows = cur.fetchall() if columns else []
-    except duckdb.Error as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UserInputError("query", first, 'fix the SQL; `selfexplain sql "show tables"` lists the tables') from None
-    finally:
-        con.close()
+    columns, rows = run_query(store_root(args.home), args.query, args.timeout)
     print_rows(columns, rows, args.format)
     return 0
 
@@ -145,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--home", help="store root (default: recipe home, $SELFEXPLAIN_HOME, ./.selfexplain)")
     run.set_defaults(func=cmd_run)
 
-    sql = sub.add_parser("sql", help="query the store's catalog read-only")
-    sql.add_argument("query")
+    sql = sub.add_parser(
+        "sql", help="query the store's catalog: reads only, files outside the store and extensions are off limits"
+    )
+    sql.add_argument("query", help="SQL: SELECT / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN; several separated by ';'")
+    sql.add_argument("--timeout", type=float, default=300.0, help="seconds before the query is stopped (0: none)")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument("--home", help="store root (default: $SELFEXPLAIN_HOME or ./.selfexplain)")
     sql.set_defaults(func=cmd_sql)

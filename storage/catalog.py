@@ -6,6 +6,7 @@ from the manifests, so a half-written dataset or a stray temp file is never visi
 """
 
 import os
+import threading
 from pathlib import Path
 
 import duckdb
@@ -81,8 +82,7 @@ def refresh_catalog(root: Path) -> Path:
     return final
 
 
-def connect_read_only(root: Path) -> duckdb.DuckDBPyConnection:
-    """Open the catalog read-only (the way users and `selfexplain sql` do)."""
+def _existing_catalog(root: Path) -> Path:
     path = catalog_path(root)
     if not path.exists():
         raise UserInputError(
@@ -90,4 +90,75 @@ def connect_read_only(root: Path) -> duckdb.DuckDBPyConnection:
             f"no catalog at {path}",
             "run a flow first (e.g. `selfexplain run cache-activations`) or set SELFEXPLAIN_HOME to an existing store",
         )
-    return duckdb.connect(str(path), read_only=True)
+    return path
+
+
+def connect_read_only(root: Path) -> duckdb.DuckDBPyConnection:
+    """Open the catalog read-only (Python users; `selfexplain sql` adds the sandbox of `connect_sandboxed`)."""
+    return duckdb.connect(str(_existing_catalog(root)), read_only=True)
+
+
+# The SQL entry point (`selfexplain sql`) runs only these statement kinds; DESCRIBE / SHOW / SUMMARIZE parse
+# as SELECT. Anything else (CREATE, COPY, ATTACH, INSTALL, LOAD, SET, ...) is refused before it runs.
+READ_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
+
+
+def connect_sandboxed(root: Path) -> duckdb.DuckDBPyConnection:
+    """The catalog read-only, with file access confined to the store and the configuration locked: no reads
+    of files outside the store, no writes anywhere, no extension installs or loads, no way to undo it."""
+    con = duckdb.connect(
+        str(_existing_catalog(root)),
+        read_only=True,
+        config={"autoinstall_known_extensions": False, "autoload_known_extensions": False},
+    )
+    con.execute(f"SET allowed_directories = [{_quote(str(root.resolve()) + os.sep)}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def run_query(root: Path, query: str, timeout_s: float | None = None) -> tuple[list[str], list[tuple]]:
+    """(column names, rows) of the last statement of `query`, run in the sandbox; every statement must read.
+
+    Bad SQL, a refused statement or a query past `timeout_s` is a UserInputError naming the fix.
+    """
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise UserInputError("query", _first_line(exc), "fix the SQL syntax") from None
+    if not statements:
+        raise UserInputError("query", "no SQL statement given", 'pass one, e.g. "show tables"')
+    for st in statements:
+        if st.type not in READ_STATEMENTS:
+            kind = st.type.name.lower()
+            raise UserInputError("query", f"{kind} statements are refused: the SQL entry point only reads",
+                                 "write a SELECT (DESCRIBE/SHOW/SUMMARIZE/EXPLAIN work too); save output with "
+                                 "--format csv > file")  # fmt: skip
+    con = connect_sandboxed(root)
+    timer = threading.Timer(timeout_s, con.interrupt) if timeout_s else None
+    try:
+        if timer:
+            timer.start()
+        for st in statements:
+            cur = con.execute(st.query)
+        columns = [d[0] for d in cur.description] if cur.description else []
+        return columns, (cur.fetchall() if columns else [])
+    except duckdb.InterruptException:
+        raise UserInputError(
+            "query", f"stopped at the {timeout_s:g} s time limit", "narrow it or raise --timeout"
+        ) from None
+    except duckdb.PermissionException as exc:
+        raise UserInputError("query", _first_line(exc), "query the catalog's views; files outside the store are "
+                             "off limits") from None  # fmt: skip
+    except duckdb.Error as exc:
+        raise UserInputError(
+            "query", _first_line(exc), 'fix the SQL; `selfexplain sql "show tables"` lists the tables'
+        ) from None
+    finally:
+        if timer:
+            timer.cancel()
+        con.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0]

@@ -1,5 +1,9 @@
 """The patching and ablation flows end to end on tiny models: ground truth, explainers, every method's metrics."""
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from flows.ablation import ablation
@@ -82,3 +86,30 @@ def test_flow_fills_metrics_for_every_method(tmp_path, flow, make, methods, tabl
         connect_read_only(tmp_path / "store").execute("select count(*) from metrics").fetchone()[0]
         == len(rows) + con.execute("select count(*) from metrics where split <> 'test'").fetchone()[0]
     )
+
+
+def test_imported_public_rows_train_and_score_unchanged(tmp_path):
+    """A user with the public act_patch / input_ablation files trains on them: no target model is run."""
+    rng = np.random.default_rng(0)
+
+    def act_patch(n: int) -> list[dict]:
+        return [{"layer": [4, 5, 6, 7], "input_tokens": ["Rome", " is", " the", " capital", " of"],
+                 "original_continuation": [" Italy"], "ablated_continuation": [" France" if i % 2 else " Italy"],
+                 "is_different": bool(i % 2), "token_type": "subject_final",
+                 "patch_position": {"orig_pos": 0, "orig_text_token": "Rome", "counterfact_pos": 0,
+                                    "counterfact_text_token": "Paris",
+                                    "intervention_vector": rng.normal(size=8).tolist()}} for i in range(n)]  # fmt: skip
+
+    for split, n in (("train", 12), ("test", 4)):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in act_patch(n)))
+    recipe = tiny_patching_recipe(tmp_path / "store").model_copy(
+        update={"patching": tiny_patching_recipe(tmp_path).patching.model_copy(
+            update={"import_train": str(tmp_path / "train.jsonl"), "import_test": str(tmp_path / "test.jsonl")})}
+    )  # fmt: skip
+    result = patching(recipe)
+    assert result["ground_truth"]["rows"] == 16 and result["ground_truth"]["test"] == 4
+    con = connect_read_only(tmp_path / "store")
+    n = con.execute("select max(n) from metrics where method = 'trained' and split = 'test'").fetchone()[0]
+    assert n == 4
+    meta = json.loads((Path(result["explainers"]["self/trained"]) / "checkpoint" / "explainer.json").read_text())
+    assert meta["d_target"] == 8 and meta["n_target_layers"] == 8  # read off the imported vectors

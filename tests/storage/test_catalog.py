@@ -3,7 +3,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from storage.catalog import catalog_path, connect_read_only, refresh_catalog
+from storage.catalog import catalog_path, connect_read_only, refresh_catalog, run_query
 from storage.errors import UserInputError
 from storage.store import Dataset
 
@@ -52,3 +52,54 @@ def test_refresh_while_a_reader_holds_the_old_catalog(home):
 def test_missing_catalog_names_the_fix(home):
     with pytest.raises(UserInputError, match="run a flow first"):
         connect_read_only(home)
+
+
+@pytest.fixture
+def store(home):
+    _dataset(home, "a", [1, 2, 3])
+    refresh_catalog(home)
+    return home
+
+
+@pytest.mark.parametrize(
+    "query, problem",
+    [
+        ("create table t as select 1", "create statements are refused"),
+        ("copy (select 1) to '{outside}/leak.csv'", "copy statements are refused"),
+        ("select * from read_csv('/etc/passwd')", "file system operations are disabled"),
+        ("select * from read_text('{home}/../outside.txt')", "file system operations are disabled"),
+        ("attach '{outside}/other.duckdb' as o", "attach statements are refused"),
+        ("install httpfs", "load statements are refused"),
+        ("load httpfs", "load statements are refused"),
+        ("set enable_external_access = true", "set statements are refused"),
+        ("select 1; drop view numbers", "drop statements are refused"),
+        ("selec 1", "syntax error"),
+    ],
+)
+def test_sql_entry_point_refuses_writes_escapes_and_extensions(store, tmp_path, query, problem):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "outside.txt").write_text("secret")
+    with pytest.raises(UserInputError) as err:
+        run_query(store, query.format(outside=outside, home=store))
+    assert problem in str(err.value).lower() and str(err.value).startswith("query: ")
+    assert list(outside.iterdir()) == []  # nothing written outside the store
+
+
+def test_sql_entry_point_reads_every_view_and_table(store):
+    with connect_read_only(store) as con:
+        views = [r[0] for r in con.execute("select table_name from information_schema.tables").fetchall()]
+    assert set(views) >= {"numbers", "datasets", "manifest"}
+    for view in views:
+        columns, rows = run_query(store, f"select count(*) as n from {view}")
+        assert columns == ["n"] and rows[0][0] >= 1
+    assert run_query(store, "describe numbers")[1][0][0] == "dataset"
+    assert run_query(store, "select 1 as a; select sum(x) as s from numbers") == (["s"], [(6,)])
+    # reading the store's own Parquet files directly is allowed
+    path = Dataset(store, "numbers", "a").shard_files()[0]
+    assert run_query(store, f"select sum(x) from read_parquet('{path}')")[1] == [(6,)]
+
+
+def test_sql_entry_point_stops_at_the_time_limit(store):
+    with pytest.raises(UserInputError, match="time limit"):
+        run_query(store, "select count(*) from range(100000000000) a", timeout_s=0.3)

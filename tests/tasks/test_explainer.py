@@ -138,3 +138,30 @@ def test_lora_checkpoint_with_projection_reloads_to_the_same_logits(tmp_path):
     b = ex.collate(qs, train=False)
     torch.testing.assert_close(_logits(again, b), _logits(ex, b), rtol=1e-5, atol=1e-5)
     assert again.proj is not None and torch.equal(again.proj, ex.proj)
+
+
+def test_loss_over_kept_answer_columns_equals_the_full_cross_entropy():
+    """The loss computes logits only for the last columns; it must equal CE over all answer tokens."""
+    ex = make_explainer()
+    rng = np.random.default_rng(2)
+    qs = [Query(rng.normal(size=64).astype(np.float32), 1, f"What does {SPAN} encode at layer 1?" + "x" * k, a)
+          for k, a in ((0, "cats and dogs"), (9, "a"), (3, "the tokens 'def'"))]  # fmt: skip
+    batch = ex.collate(qs, train=True)
+    with torch.no_grad():
+        full = ex(batch["input_ids"], batch["attention_mask"], batch["vectors"], batch["layers"]).logits
+        expected = torch.nn.functional.cross_entropy(
+            full[:, :-1].reshape(-1, full.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+        )
+        torch.testing.assert_close(ex.loss(batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_text_only_queries_inject_nothing_and_a_lost_payload_is_caught():
+    ex = make_explainer()
+    text = Query(None, 0, "Is the hint used?", "yes")
+    b = ex.collate([text], train=False)
+    with torch.no_grad():
+        embeds = ex.inject(b["input_ids"], b["vectors"], b["layers"], b["n_payloads"])
+        plain = ex.model.get_input_embeddings()(b["input_ids"])
+    torch.testing.assert_close(embeds, plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="payload"):
+        ex.collate([Query(np.ones(64, np.float32), 0, "no placeholder here")], train=False)

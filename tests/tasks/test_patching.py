@@ -115,3 +115,33 @@ def test_counterfact_loader(tmp_path):
     path.write_text(json.dumps([rec]))
     (fact,) = load_facts(str(path))
     assert fact.prompt == "The mother tongue of Danielle Darrieux is" and fact.object == "French"
+
+
+def copy_model():
+    """A tiny model built to copy its subject: every block writes nothing (o_proj, down_proj = 0) and the
+    unembedding is the embedding, so the residual at the last token stays that token's embedding and the
+    greedy next token repeats it. Prompts end with the subject, so the model answers with its subject."""
+    lm = models.load(ModelConfig(name="tiny-llama", seed=1, autocast="none"))
+    with torch.no_grad():
+        for layer in lm.model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        lm.model.lm_head.weight.copy_(lm.model.get_input_embeddings().weight)
+    return lm
+
+
+def test_patching_the_subject_of_a_copying_model_with_x_prime_changes_its_answer():
+    lm = copy_model()
+    tok = lm.tokenizer
+    ids_x = tok("Copy: France", add_special_tokens=False)["input_ids"]
+    ids_p = tok("Copy: Spain", add_special_tokens=False)["input_ids"]
+    assert next_tokens(lm, ids_x, None, 1) == [ids_x[-1]]  # the construction copies its subject ("e")
+    h_p = all_layers(lm, ids_p)  # [n_layers, T', d]
+    t, tp = len(ids_x) - 1, len(ids_p) - 1  # subject-final tokens
+    chunks = layer_chunks(lm.n_layers, 2)
+    patches = [(c, t, h_p[c, tp].mean(0)) for c in chunks]  # x' at the subject-final token, every chunk
+    patches += [(c, 2, h_p[c, 2].mean(0)) for c in chunks]  # x' at a shared non-subject token ("p")
+    assert next_tokens(lm, ids_x, patches, 4) == [ids_p[-1]] * 2 + [ids_x[-1]] * 2
+    # and patching with x's own activations changes nothing
+    h_x = all_layers(lm, ids_x)
+    assert next_tokens(lm, ids_x, [(c, t, h_x[c, t].mean(0)) for c in chunks], 4) == [ids_x[-1]] * 2
