@@ -27,11 +27,19 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# The demo: a reduced experiment (all three tasks, self vs other, three training sizes), then its headline
+# numbers and the path of its report. A rerun finds every stage done.
+DEMO_SUMMARY := select c.task, m.method, nullif(m.explainer_model, '') as explainer, m.n_train, \
+  m.metric, round(100 * m.value, 1) as value_x100, round(100 * m.se, 1) as se_x100 \
+  from metrics m join experiment_cells c using (run_id) \
+  where m.split = 'test' and m.metric in ('simulator_corr', 'exact_match') \
+  and m.method in ('trained', 'nearest_neighbor', 'selfie', 'zero_shot', 'majority', 'position_bias') \
+  order by c.task, m.method, explainer, m.n_train
+
 demo: $(STAMP)
-	.venv/bin/selfexplain run cache-activations -c recipes/cache_smollm2.yaml
-	.venv/bin/selfexplain sql "select layer, count(*) as n, count(distinct context_id) as contexts, \
-	  round(avg(sqrt(list_dot_product(activation, activation))), 2) as mean_norm \
-	  from activations group by layer order by layer"
+	.venv/bin/selfexplain run experiment -c recipes/demo_smollm2.yaml
+	.venv/bin/selfexplain sql "$(DEMO_SUMMARY)"
+	@echo "report: $$(.venv/bin/selfexplain report)"
 
 bench: $(STAMP)
 	$(PY) bench/activations.py

@@ -90,7 +90,8 @@ def _describe(model: type[StrictModel], indent: str = "") -> list[str]:
             lines += _describe(ann, indent + "  ")
         else:
             default = field.get_default(call_default_factory=True)
-            lines.append(f"{indent}{name}: {json.dumps(default)}  # {field.description}")
+            value = json.dumps(default, default=lambda o: o.model_dump(mode="json"))  # dicts of configs, too
+            lines.append(f"{indent}{name}: {value}  # {field.description}")
     return lines
 
 
@@ -111,6 +112,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name:24s} tiny random-init {spec['model_type']} for tests (d={spec['hidden_size']})")
     print(f"{'<folder>':24s} any local Hugging Face model folder")
     print(f"{'<org/name>':24s} a hub id (needs the hub to be reachable)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks.report import latest_experiment, write_report
+
+    root = store_root(args.home)
+    print(write_report(root, args.experiment or latest_experiment(root)))
     return 0
 
 
@@ -146,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recipe", help="list a flow's recipe keys with defaults and descriptions")
     rec.add_argument("flow")
     rec.set_defaults(func=cmd_recipe)
+
+    rep = sub.add_parser("report", help="render the markdown report and plots of a finished experiment")
+    rep.add_argument("--experiment", help="experiment key (default: the latest finished one)")
+    rep.add_argument("--home", help="store root (default: $SELFEXPLAIN_HOME or ./.selfexplain)")
+    rep.set_defaults(func=cmd_report)
 
     sub.add_parser("models", help="list the model registry").set_defaults(func=cmd_models)
 

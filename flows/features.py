@@ -27,19 +27,30 @@ from tasks.features import (
 from tasks.orchestration import refresh_catalog_task
 
 
-@flow(name="features", log_prints=True)
-def features(recipe: FeaturesRecipe) -> dict[str, Any]:
-    """Feature descriptions end to end: ground truth, explainers, baselines, metrics."""
+def features_ground_truth(recipe: FeaturesRecipe) -> dict[str, Any]:
+    """Activations, then SAEs, exemplars, labels and the split; returns what the explainer stages need."""
     cache = recipe.cache_recipe()
     plan = check_recipe(recipe)
     tokens = tokenize_corpus(plan.home, plan.tokens_key, cache.model, cache.corpus, cache.cache.contexts_per_shard)
     activations = cache_residual_stream(cache, plan, wait_for=[tokens])
     gt_key = ground_truth_key(recipe, plan)
     truth = build_ground_truth_task(recipe, plan, gt_key, wait_for=[activations])
+    return {"plan": plan, "gt_key": gt_key, "truth": truth}
+
+
+def explain_features(recipe: FeaturesRecipe, gt: dict[str, Any]) -> dict[str, Any]:
+    """Train each explainer, evaluate every method, refresh the SQL views."""
+    plan, gt_key = gt["plan"], gt["gt_key"]
     checkpoints = {
-        role: train_explainer_task(recipe, plan, gt_key, role, wait_for=[truth])["path"] for role in recipe.explainers
+        role: train_explainer_task(recipe, plan, gt_key, role, wait_for=[gt["truth"]])["path"]
+        for role in recipe.explainers
     }
-    run_id = evaluation_run_id(recipe, gt_key)
-    results = evaluate_task(recipe, plan, gt_key, checkpoints, run_id)
+    results = evaluate_task(recipe, plan, gt_key, checkpoints, evaluation_run_id(recipe, gt_key))
     refresh_catalog_task(plan.home, wait_for=[results])
-    return {"ground_truth": truth, "explainers": checkpoints, "results": results}
+    return {"ground_truth": gt["truth"], "explainers": checkpoints, "results": results}
+
+
+@flow(name="features", log_prints=True)
+def features(recipe: FeaturesRecipe) -> dict[str, Any]:
+    """Feature descriptions end to end: ground truth, explainers, baselines, metrics."""
+    return explain_features(recipe, features_ground_truth(recipe))

@@ -240,6 +240,9 @@ class FeatureEvalConfig(StrictModel):
     delta_act_per_layer: int = Field(
         10, ge=0, description="ΔACT vectors per layer: h(x) - h(x') at the last token of counterfactual prompt pairs."
     )
+    selfie: bool = Field(
+        True, description="Score the untrained SelfIE baseline (independent of n_train: experiments run it once)."
+    )
 
 
 def _self_explainer(**kw: Any) -> "ExplainerConfig":
@@ -325,11 +328,49 @@ class AblationRecipe(StrictModel):
     )
 
 
+class GridConfig(StrictModel):
+    """The experiment grid: every task x n_train x seed cell trains and scores every explainer."""
+
+    n_train: list[int] = Field(
+        [64, 128, 256, 512, 1024], min_length=1, description="Training-set sizes (a log grid; nested subsets)."
+    )
+    seeds: list[int] = Field(
+        [0], min_length=1, description="Explainer seeds (initialisation, shuffling, templates) per size."
+    )
+
+    @field_validator("n_train")
+    @classmethod
+    def _positive_sizes(cls, v: list[int]) -> list[int]:
+        if any(n <= 0 for n in v):
+            raise ValueError("every n_train must be positive")
+        return sorted(set(v))
+
+
+class ExperimentRecipe(StrictModel):
+    """Recipe of the experiment flow: the self-vs-other matrix and data-efficiency curves over the three tasks.
+    Each task section is that task's own recipe; its `home` and `target` are replaced by the experiment's."""
+
+    home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
+    target: ModelConfig = Field(default_factory=ModelConfig, description="The frozen target model of every task.")
+    tasks: list[Literal["features", "patching", "ablation"]] = Field(
+        ["features", "patching", "ablation"], min_length=1, description="Tasks in the grid."
+    )
+    grid: GridConfig = Field(default_factory=GridConfig, description="Training sizes and seeds.")
+    features: FeaturesRecipe = Field(default_factory=FeaturesRecipe, description="Task A settings.")
+    patching: PatchingRecipe = Field(default_factory=PatchingRecipe, description="Task B settings.")
+    ablation: AblationRecipe = Field(default_factory=AblationRecipe, description="Task C settings.")
+
+    def task_recipe(self, task: str) -> "FeaturesRecipe | PatchingRecipe | AblationRecipe":
+        """The task's recipe with the experiment's store and target."""
+        return getattr(self, task).model_copy(update={"home": self.home, "target": self.target})
+
+
 RECIPES: dict[str, type[StrictModel]] = {
     "cache-activations": CacheRecipe,
     "features": FeaturesRecipe,
     "patching": PatchingRecipe,
     "ablation": AblationRecipe,
+    "experiment": ExperimentRecipe,
 }
 
 

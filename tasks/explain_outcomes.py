@@ -72,10 +72,15 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
 
 
 def load_rows(gt: Dataset, split: str, cap: int | None, seed: int) -> list[dict[str, Any]]:
-    """Rows of one split, in table order; a seeded sample of `cap` of them when there are more."""
+    """Rows of one split, in table order; a seeded sample of `cap` of them when there are more (the samples of
+    one seed are nested: a smaller cap takes a prefix of the same permutation). Asking to train on more rows
+    than the ground truth holds is an error, not a silent cap."""
     rows = [r for t in gt.iter_shards() for r in t.to_pylist() if r["split"] == split]
+    if split == "train" and cap is not None and cap > len(rows):
+        raise UserInputError("eval.n_train", f"{cap} exceeds the {len(rows)} training rows of {gt.table}",
+                             f"use at most {len(rows)}, or build more ground truth")  # fmt: skip
     if cap is not None and cap < len(rows):
-        keep = np.sort(np.random.default_rng(seed).permutation(len(rows))[:cap])
+        keep = np.random.default_rng(seed).permutation(len(rows))[:cap]
         rows = [rows[i] for i in keep]
     return rows
 

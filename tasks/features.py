@@ -207,7 +207,10 @@ def load_feature_set(root: Path, key: str) -> FeatureSet:
 
 def training_subset(fs: FeatureSet, n_train: int | None, seed: int) -> FeatureSet:
     train = fs.take(fs.split == "train")
-    if n_train is None or n_train >= len(train.layer):
+    if n_train is not None and n_train > len(train.layer):
+        raise UserInputError("eval.n_train", f"{n_train} exceeds the {len(train.layer)} labelled training features",
+                             f"use at most {len(train.layer)}, or cache more tokens / label more features")  # fmt: skip
+    if n_train is None or n_train == len(train.layer):
         return train
     keep = np.zeros(len(train.layer), dtype=bool)
     keep[np.random.default_rng(seed).permutation(len(train.layer))[:n_train]] = True
@@ -376,9 +379,11 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
             progress(f"{role} explainer decoded {len(items)} items")
     target_cfg = models.load_config(recipe.target)
     any_cfg = next(iter(recipe.explainers.values()), ExplainerConfig())
-    by_scale = selfie_descriptions(recipe.target, items, recipe.eval.selfie_scales, any_cfg,
-                                   recipe.eval.selfie_max_new_tokens, target_cfg.hidden_size,
-                                   target_cfg.num_hidden_layers)  # fmt: skip
+    by_scale = {}
+    if recipe.eval.selfie:
+        by_scale = selfie_descriptions(recipe.target, items, recipe.eval.selfie_scales, any_cfg,
+                                       recipe.eval.selfie_max_new_tokens, target_cfg.hidden_size,
+                                       target_cfg.num_hidden_layers)  # fmt: skip
 
     metrics, rows = [], []
     for layer, quality in Dataset(root, "feature_labels", gt_key).summary()["quality"].items():
@@ -389,12 +394,12 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
     sim = None if recipe.eval.simulator == "lexical" else LMSimulator(recipe.eval.simulator)
     for key, descs in predictions.items():
         scored[key] = score_items(items, descs, caches, texts, sim)
-    scale_scores = {s: score_items(items, d, caches, texts, sim) for s, d in by_scale.items()}
-    best = [max(range(len(recipe.eval.selfie_scales)), key=lambda j, i=i: scale_scores[recipe.eval.selfie_scales[j]][i])
-            for i in range(len(items))]  # fmt: skip
-    scales = recipe.eval.selfie_scales
-    predictions[("selfie", target_name)] = [by_scale[scales[j]][i] for i, j in enumerate(best)]
-    scored[("selfie", target_name)] = [scale_scores[scales[j]][i] for i, j in enumerate(best)]
+    if by_scale:  # SelfIE: per item, the best of its scales (an upper bound, as in the paper)
+        scales = recipe.eval.selfie_scales
+        scale_scores = {s: score_items(items, d, caches, texts, sim) for s, d in by_scale.items()}
+        best = [max(range(len(scales)), key=lambda j, i=i: scale_scores[scales[j]][i]) for i in range(len(items))]
+        predictions[("selfie", target_name)] = [by_scale[scales[j]][i] for i, j in enumerate(best)]
+        scored[("selfie", target_name)] = [scale_scores[scales[j]][i] for i, j in enumerate(best)]
 
     embedder = SentenceEmbedder() if recipe.eval.embedding_similarity else None
     test_idx = [i for i, it in enumerate(items) if it.split == "test"]

@@ -1,0 +1,57 @@
+"""The experiment flow on tiny models: every cell's rows, a rerun that trains nothing, the report."""
+
+from flows.experiment import experiment
+from storage.catalog import connect_read_only
+from storage.store import complete_datasets
+from tasks.config import ExperimentRecipe, ModelConfig
+from tests.flows.test_features import tiny_features_recipe
+from tests.flows.test_outcomes import tiny_ablation_recipe, tiny_patching_recipe
+
+
+def tiny_experiment(tmp_path, corpus) -> ExperimentRecipe:
+    store = tmp_path / "store"
+    features = tiny_features_recipe(store, corpus)
+    features = features.model_copy(
+        update={"eval": features.eval.model_copy(update={"judge": None, "simulator": "lexical"})}
+    )
+    return ExperimentRecipe(
+        home=str(store),
+        target=ModelConfig(name="tiny-llama", autocast="none"),
+        grid={"n_train": [4, 12], "seeds": [0]},
+        features=features,
+        patching=tiny_patching_recipe(store),
+        ablation=tiny_ablation_recipe(store),
+    )
+
+
+def test_experiment_grid_rows_rerun_and_report(tmp_path, text_file):
+    text_file.write_text(text_file.read_text() * 6)
+    recipe = tiny_experiment(tmp_path, text_file)
+    result = experiment(recipe)
+    con = connect_read_only(tmp_path / "store")
+    rows = con.execute(
+        "select c.task, m.explainer_model, count(distinct c.n_train) from metrics m join experiment_cells c "
+        "using (run_id) where m.method = 'trained' group by all order by all"
+    ).fetchall()
+    assert rows == [
+        (task, model, 2) for task in ("ablation", "features", "patching") for model in ("tiny-gemma3", "tiny-llama")
+    ]
+    # n_train and seed are filled; flat baselines come from one cell per task
+    flat = con.execute("select task, method, count(distinct run_id) from metrics join experiment_cells using (run_id) "
+                       "where method in ('selfie', 'zero_shot') group by all order by all").fetchall()  # fmt: skip
+    assert flat == [("ablation", "zero_shot", 1), ("features", "selfie", 1), ("patching", "zero_shot", 1)]
+    trained_n = con.execute(
+        "select distinct n_train from metrics where method = 'trained' and task = 'features'"
+    ).fetchall()
+    assert sorted(n for (n,) in trained_n) == [4, 12]
+    con.close()
+    report = tmp_path / "store" / "reports" / result["experiment"]["experiment"] / "report.md"
+    text = report.read_text()
+    assert "## Task A: feature descriptions" in text and "## Task C: input ablation" in text
+    assert "| self |" in text and (report.parent / "self-vs-other.png").exists()
+
+    # A rerun of the finished grid trains and scores nothing: no dataset is added or rewritten.
+    before = {ds.path: (ds.path / "_COMPLETE.json").stat().st_mtime_ns for ds in complete_datasets(tmp_path / "store")}
+    again = experiment(recipe)
+    after = {ds.path: (ds.path / "_COMPLETE.json").stat().st_mtime_ns for ds in complete_datasets(tmp_path / "store")}
+    assert after == before and again["experiment"]["cells"] == 12

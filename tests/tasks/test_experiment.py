@@ -1,0 +1,34 @@
+import pytest
+
+from storage.errors import UserInputError
+from tasks.config import ExperimentRecipe, ModelConfig
+from tasks.experiment import Cell, cell_recipe, check_recipe, expand
+
+
+def test_grid_expands_task_by_seed_by_size_with_flat_baselines_once_per_task():
+    recipe = ExperimentRecipe(grid={"n_train": [256, 32, 64, 64], "seeds": [0, 7]}, tasks=["features", "ablation"])
+    cells = expand(recipe)
+    assert len(cells) == 2 * 2 * 3  # tasks x seeds x distinct sizes
+    assert cells[:3] == [Cell("features", 32, 0, False), Cell("features", 64, 0, False), Cell("features", 256, 0, True)]
+    assert [c for c in cells if c.flat_baselines] == [Cell("features", 256, 0, True), Cell("ablation", 256, 0, True)]
+
+
+def test_a_cell_is_its_task_recipe_with_this_size_seed_store_and_target():
+    recipe = ExperimentRecipe(home="/tmp/x", target=ModelConfig(name="tiny-llama"), grid={"n_train": [8, 16]})
+    feats = cell_recipe(recipe, Cell("features", 8, 3, False))
+    assert feats.home == "/tmp/x" and feats.target.name == "tiny-llama"
+    assert feats.eval.n_train == 8 and feats.eval.selfie is False
+    assert {c.seed for c in feats.explainers.values()} == {3}
+    patch = cell_recipe(recipe, Cell("patching", 16, 0, True))
+    assert patch.eval.n_train == 16 and patch.eval.zero_shot is True and patch.target.name == "tiny-llama"
+    # the experiment's sections are untouched
+    assert recipe.features.eval.n_train is None and recipe.patching.explainers["self"].seed == 0
+
+
+def test_bad_grid_and_task_sections_are_named():
+    with pytest.raises(ValueError, match="n_train"):
+        ExperimentRecipe(grid={"n_train": [0, 8]})
+    recipe = ExperimentRecipe(target=ModelConfig(name="tiny-llama"), tasks=["patching"],
+                              patching={"eval": {"no_activation_roles": ["ghost"]}})  # fmt: skip
+    with pytest.raises(UserInputError, match=r"^patching\.eval\.no_activation_roles: \['ghost'\]"):
+        check_recipe(recipe)
