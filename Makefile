@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install clean chromium
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv .venv
@@ -24,7 +24,11 @@ lint: $(STAMP)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 
-test: lint
+# The UI test drives Debian's chromium headless; installed once when missing.
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null)
+
+test: lint chromium
 	$(PY) -m pytest -q
 
 # The demo: a reduced experiment (all three tasks, self vs other, three training sizes), then its headline

@@ -68,6 +68,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows import FLOWS, VALIDATORS
 
     VALIDATORS[args.flow](recipe)
+    from tasks.orchestration import ensure_gpu_limit
+
+    ensure_gpu_limit()  # the `gpu` slot the model-holding tasks take (kept if it already exists)
     result = FLOWS[args.flow](recipe)
     print(
         json.dumps({"flow": args.flow, "home": str(store_root(recipe.home)), **_brief(result)}, indent=1, default=str)
@@ -123,6 +126,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deploy.serve import serve
+
+    serve(args.home, args.gpu_slots)
+    return 0
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from storage.catalog import refresh_catalog
 
@@ -155,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recipe", help="list a flow's recipe keys with defaults and descriptions")
     rec.add_argument("flow")
     rec.set_defaults(func=cmd_recipe)
+
+    srv = sub.add_parser("serve", help="serve every flow's deployment (and the nightly sweep) from this process")
+    srv.add_argument("--home", help="store root bound into the deployments' default recipes")
+    srv.add_argument("--gpu-slots", type=int, default=1, help="size of the global concurrency limit 'gpu'")
+    srv.set_defaults(func=cmd_serve)
 
     rep = sub.add_parser("report", help="render the markdown report and plots of a finished experiment")
     rep.add_argument("--experiment", help="experiment key (default: the latest finished one)")

@@ -9,6 +9,10 @@ class UserInputError(ValueError):
         super().__init__(f"{field}: {problem}; fix: {fix}")
 
 
+class CorruptShardError(RuntimeError):
+    """A stored shard no longer matches its manifest. It has been withdrawn; a rerun recomputes it."""
+
+
 class TransientError(RuntimeError):
     """A failure worth retrying (flaky filesystem, pre-empted worker, busy lock). Prefect retries only these."""
 

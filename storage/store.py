@@ -12,7 +12,10 @@ Layout under the store root (``$SELFEXPLAIN_HOME``, a recipe's ``home``, or ``./
 shards and skips them, and a changed config never overwrites an older result.
 """
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import time
 import uuid
@@ -24,7 +27,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.errors import CorruptShardError
 from storage.hashing import file_sha256
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HOME = ".selfexplain"
 
@@ -101,6 +107,20 @@ class Dataset:
     def manifest_dir(self) -> Path:
         return self.path / "_manifest"
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive lock on this dataset (flock on `<key>.lock` beside it), held while a stage writes it:
+        a second writer of the same key blocks, then finds the dataset complete. Released when the holder
+        exits or dies, so a killed run never leaves a stale lock."""
+        path = self.path.with_name(f"{self.key}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def shard_path(self, index: int) -> Path:
         return self.path / f"part-{index:05d}.parquet"
 
@@ -111,8 +131,10 @@ class Dataset:
             atomic_write_json(self.path / "_dataset.json", {"table": self.table, "key": self.key, **info})
 
     def shard_done(self, index: int) -> bool:
-        """A shard counts only when its manifest row exists and the file it names is there."""
-        return (self.manifest_dir / f"part-{index:05d}.json").exists() and self.shard_path(index).exists()
+        """A shard counts only when its manifest row exists and the file it names is there, at its size."""
+        row = self.manifest_dir / f"part-{index:05d}.json"
+        path = self.shard_path(index)
+        return row.exists() and path.exists() and path.stat().st_size == json.loads(row.read_text())["bytes"]
 
     def write_shard(self, index: int, table: pa.Table) -> dict[str, Any]:
         """Write shard `index`, then its manifest row (rows, bytes, sha256). Returns the manifest row."""
@@ -145,18 +167,62 @@ class Dataset:
         atomic_write_json(self.path / "_COMPLETE.json", {"completed_at": time.time(), **summary})
 
     def is_complete(self) -> bool:
-        return (self.path / "_COMPLETE.json").exists()
+        """Marked complete and every shard present at its manifest size; a damaged dataset is un-completed
+        here (see `invalidate`), so the next run of its stage recomputes the damaged shards."""
+        if not (self.path / "_COMPLETE.json").exists():
+            return False
+        problems = self.damaged(full=False)
+        if problems:
+            self.invalidate(problems)
+            return False
+        return True
+
+    def damaged(self, full: bool = False) -> dict[int, str]:
+        """{shard: problem} for manifest rows whose file is missing or of the wrong size; with `full`, whose
+        sha256 differs from the manifest's too (one read of every shard)."""
+        if not self.manifest_dir.exists():
+            return {}
+        out = {}
+        for row_path in sorted(self.manifest_dir.glob("part-*.json")):
+            row = json.loads(row_path.read_text())
+            path = self.shard_path(row["shard"])
+            if not path.exists():
+                out[row["shard"]] = f"{path} is missing"
+            elif path.stat().st_size != row["bytes"]:
+                out[row["shard"]] = f"{path} has {path.stat().st_size} bytes, its manifest says {row['bytes']}"
+            elif full and file_sha256(str(path)) != row["sha256"]:
+                out[row["shard"]] = f"{path} does not match its manifest sha256"
+        return out
+
+    def invalidate(self, problems: dict[int, str]) -> None:
+        """Withdraw the completion marker and the damaged shards (file and manifest row), with a warning that
+        names them: readers stop seeing the dataset, and its stage's next run rewrites just those shards."""
+        (self.path / "_COMPLETE.json").unlink(missing_ok=True)
+        for shard, problem in problems.items():
+            log.warning(f"{self.table}/{self.key}: {problem}; withdrawn, the next run recomputes it")
+            (self.manifest_dir / f"part-{shard:05d}.json").unlink(missing_ok=True)
+            self.shard_path(shard).unlink(missing_ok=True)
 
     def summary(self) -> dict[str, Any]:
         return json.loads((self.path / "_COMPLETE.json").read_text())
 
     def iter_shards(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
-        """Read completed shards one at a time (memory stays at one shard)."""
-        for path in self.shard_files():
+        """Read completed shards one at a time (memory stays at one shard), each checked against its manifest
+        sha256 first: a corrupt shard is withdrawn (`invalidate`) and raises CorruptShardError, never served."""
+        for row in self.manifest():
+            path = self.shard_path(row["shard"])
+            if file_sha256(str(path)) != row["sha256"]:
+                self.invalidate({row["shard"]: f"{path} does not match its manifest sha256"})
+                raise CorruptShardError(
+                    f"{self.table}/{self.key}: shard {path.name} is corrupt (sha256 mismatch); it was withdrawn: "
+                    "rerun the flow to recompute it"
+                )
             yield pq.read_table(path, columns=columns)
 
 
 def complete_datasets(root: Path) -> Iterator[Dataset]:
     """Every complete dataset under `root`, sorted by (table, key)."""
     for marker in sorted((root / "tables").glob("*/*/_COMPLETE.json")):
-        yield Dataset(root, marker.parent.parent.name, marker.parent.name)
+        ds = Dataset(root, marker.parent.parent.name, marker.parent.name)
+        if ds.is_complete():  # a damaged one is withdrawn, not listed
+            yield ds

@@ -57,17 +57,21 @@ def predict(lm: LoadedModel, prompts: list[str], batch_size: int) -> list[tuple[
     tok = lm.tokenizer
     tok.padding_side = "left"
     ids = letter_ids(lm)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        enc = tok(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(lm.runtime.device)
-        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-        with lm.runtime.autocast_context():
-            logits = lm.model(**enc, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
-        letters = logits[:, ids].argmax(-1).tolist()
-        greedy = logits.argmax(-1).tolist()
-        out += [(LETTERS[li], tok.decode([g])) for li, g in zip(letters, greedy, strict=True)]
-    return out
+
+    def run(size: int) -> list[tuple[str, str]]:
+        out = []
+        for start in range(0, len(prompts), size):
+            enc = tok(prompts[start : start + size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(lm.runtime.device)
+            pos = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+            with lm.runtime.autocast_context():
+                logits = lm.model(**enc, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
+            letters = logits[:, ids].argmax(-1).tolist()
+            greedy = logits.argmax(-1).tolist()
+            out += [(LETTERS[li], tok.decode([g])) for li, g in zip(letters, greedy, strict=True)]
+        return out
+
+    return models.oom_backoff(run, batch_size, "ablation predictions")
 
 
 def write_ablation_gt(lm: LoadedModel, cfg: AblationConfig, out: Dataset) -> dict[str, Any]:
@@ -124,7 +128,9 @@ def ablation_key(recipe: AblationRecipe) -> str:
 
 
 @stage_task(
-    "ablation-ground-truth", output=lambda p: Dataset(store_root(p["recipe"].home), STAGE, ablation_key(p["recipe"]))
+    "ablation-ground-truth",
+    gpu=True,
+    output=lambda p: Dataset(store_root(p["recipe"].home), STAGE, ablation_key(p["recipe"])),
 )
 def ablation_ground_truth(recipe: AblationRecipe) -> dict[str, Any]:
     """Ask every question with and without the hint and write `ablation_gt`."""

@@ -201,7 +201,7 @@ def activations_dataset(plan: CachePlan) -> Dataset:
     return Dataset(Path(plan.home), STAGE, plan.activations_key)
 
 
-@stage_task("cache-residual-stream", output=lambda p: activations_dataset(p["plan"]))
+@stage_task("cache-residual-stream", gpu=True, output=lambda p: activations_dataset(p["plan"]))
 def cache_residual_stream(recipe: CacheRecipe, plan: CachePlan) -> dict[str, Any]:
     """Load the model and cache its residual stream over the tokenised corpus."""
     out = activations_dataset(plan)

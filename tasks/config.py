@@ -36,6 +36,9 @@ class ModelConfig(StrictModel):
         "(2-3x faster), none elsewhere. 'none' gives the float32 reference.",
     )
     seed: int = Field(0, description="Seed of the random initialisation (tiny-* test models only).")
+    memory_fraction: float | None = Field(
+        None, gt=0, le=1, description="cuda only: cap this process's share of GPU memory (null: no cap)."
+    )
 
 
 class CorpusConfig(StrictModel):

@@ -234,7 +234,9 @@ def evaluate(
 # -- Prefect tasks ----------------------------------------------------------------------------------------
 
 
-@stage_task("train-outcome-explainer", output=lambda p: explainer_dataset(p["recipe"], p["role"], p["variant"]))
+@stage_task(
+    "train-outcome-explainer", gpu=True, output=lambda p: explainer_dataset(p["recipe"], p["role"], p["variant"])
+)
 def train_outcome_explainer_task(recipe: OutcomeRecipe, role: str, variant: str) -> dict[str, Any]:
     """Fine-tune one explainer of outcomes on the train rows."""
     task = task_name(recipe)
@@ -243,7 +245,9 @@ def train_outcome_explainer_task(recipe: OutcomeRecipe, role: str, variant: str)
     return train_outcome_explainer(recipe, role, variant, progress)
 
 
-@stage_task("evaluate-outcomes", output=lambda p: Dataset(store_root(p["recipe"].home), "metrics", p["run_id"]))
+@stage_task(
+    "evaluate-outcomes", gpu=True, output=lambda p: Dataset(store_root(p["recipe"].home), "metrics", p["run_id"])
+)
 def evaluate_outcomes_task(recipe: OutcomeRecipe, checkpoints: dict[str, str], run_id: str) -> dict[str, Any]:
     """Score every method; write `metrics`, `predictions`, `runs`; publish a table artifact."""
     from prefect.logging import get_run_logger

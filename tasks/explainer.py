@@ -272,16 +272,21 @@ class Explainer(nn.Module):
     def generate(
         self, queries: Sequence[Query], max_new_tokens: int, batch_size: int, use_cache: bool = True
     ) -> list[str]:
-        """Greedy explanations, batched with a KV cache; the vector enters once, at prefill (§2.4)."""
+        """Greedy explanations, batched with a KV cache; the vector enters once, at prefill (§2.4). Length-sorted
+        batches; on a CUDA out-of-memory error the batch size halves and decoding restarts."""
         self.model.eval()
         order = sorted(range(len(queries)), key=lambda i: len(self.prompt_ids(queries[i])))
-        out: list[str] = [""] * len(queries)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            texts = self._generate_batch([queries[i] for i in idx], max_new_tokens, use_cache)
-            for i, t in zip(idx, texts, strict=True):
-                out[i] = t
-        return out
+
+        def run(size: int) -> list[str]:
+            out: list[str] = [""] * len(queries)
+            for start in range(0, len(order), size):
+                idx = order[start : start + size]
+                texts = self._generate_batch([queries[i] for i in idx], max_new_tokens, use_cache)
+                for i, t in zip(idx, texts, strict=True):
+                    out[i] = t
+            return out
+
+        return models.oom_backoff(run, batch_size, "explainer decoding")
 
     def _generate_batch(self, queries: Sequence[Query], max_new_tokens: int, use_cache: bool) -> list[str]:
         b = self.collate(queries, train=False)

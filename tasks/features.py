@@ -484,7 +484,11 @@ def evaluation_run_id(recipe: FeaturesRecipe, gt_key: str) -> str:
     )
 
 
-@stage_task("build-feature-ground-truth", output=lambda p: Dataset(Path(p["plan"].home), "feature_labels", p["gt_key"]))
+@stage_task(
+    "build-feature-ground-truth",
+    gpu=True,
+    output=lambda p: Dataset(Path(p["plan"].home), "feature_labels", p["gt_key"]),
+)
 def build_ground_truth_task(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str) -> dict[str, Any]:
     """SAEs per layer, exemplars, labels and the train/test split."""
     return build_ground_truth(recipe, plan, gt_key)
@@ -497,14 +501,14 @@ def _explainer_output(p: dict[str, Any]) -> Dataset:
     )
 
 
-@stage_task("train-explainer", output=_explainer_output)
+@stage_task("train-explainer", gpu=True, output=_explainer_output)
 def train_explainer_task(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, role: str) -> dict[str, Any]:
     """Fine-tune one explainer on the training features."""
     progress = progress_reporter(f"train-explainer-{role}", f"training the {role} explainer")
     return train_explainer(recipe, plan, gt_key, role, progress)
 
 
-@stage_task("evaluate-features", output=lambda p: Dataset(Path(p["plan"].home), "metrics", p["run_id"]))
+@stage_task("evaluate-features", gpu=True, output=lambda p: Dataset(Path(p["plan"].home), "metrics", p["run_id"]))
 def evaluate_task(
     recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: dict[str, str], run_id: str
 ) -> dict[str, Any]:

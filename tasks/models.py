@@ -8,10 +8,13 @@ safetensors folder named by the GGUF's content hash; every later load reads the 
 import contextlib
 import importlib
 import importlib.util
+import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import (
@@ -26,6 +29,8 @@ from transformers import (
 from storage.errors import UserInputError
 from storage.hashing import file_sha256
 from tasks.config import ModelConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -298,7 +303,23 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
         autocast = torch.bfloat16 if device.type == "cpu" and dtype == torch.float32 and cpu_has_fast_bf16() else None
     else:
         autocast = None if cfg.autocast == "none" else DTYPES[cfg.autocast]
+    if cfg.memory_fraction is not None and device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(cfg.memory_fraction, device)
     return Runtime(device, dtype, autocast)
+
+
+def oom_backoff(run: Callable[[int], T], batch_size: int, what: str) -> T:
+    """run(batch_size), halving the batch after a CUDA out-of-memory error until it fits; a batch of 1 that
+    does not fit re-raises. Outputs do not depend on the batch size (inference paths only)."""
+    while True:
+        try:
+            return run(batch_size)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            torch.cuda.empty_cache()
+            batch_size = max(1, batch_size // 2)
+            logging.getLogger(__name__).warning(f"{what}: CUDA out of memory, retrying with batch size {batch_size}")
 
 
 @dataclass

@@ -1,12 +1,17 @@
 """What every stage's Prefect task shares: cross-run cache keys, retries of transient errors only.
 
 The compute of a stage lives in plain functions (tests call them directly); its @task wrapper is a few lines
-built with `stage_task`. Prefect's cache key is the stage's output dataset key (config hash + code version)
-plus the store's id, a random id made with the store: deleting a store (or pointing at another) never leaves
-Prefect returning paths that are gone. Independently, each stage returns at once when its dataset is
-complete and skips the shards its manifest lists, so a rerun without Prefect's cache redoes nothing either.
+built with `stage_task`. Prefect's cache key is the stage's output dataset key (config hash + code version),
+the store's id (a random id made with the store) and the time the dataset was completed; while the dataset
+is incomplete, damaged or deleted there is no key, so Prefect runs the stage and never returns paths that
+are gone. Independently, each stage returns at once when its dataset is complete and skips the shards its
+manifest lists: the first rerun after a completion runs the stage function, which returns without loading a
+model; later reruns are `Cached`.
 """
 
+import functools
+import inspect
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,10 +21,11 @@ from prefect.context import TaskRunContext
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 
-from storage.errors import is_transient
+from storage.errors import TransientError, is_transient
 from storage.store import Dataset, store_id
 
 RETRIES = 3
+GPU_SLOT = "gpu"  # global concurrency limit held by every task that keeps a model on the accelerator
 
 
 def retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -35,12 +41,17 @@ def complete_or(out: Dataset, compute: Callable[[], dict[str, Any]]) -> dict[str
     return {"path": str(out.path), **compute()}
 
 
-def stage_task(name: str, output: Callable[[dict[str, Any]], Dataset], **options: Any) -> Callable:
-    """Decorator for a stage's task: `output(parameters)` names the dataset the task writes."""
+def stage_task(name: str, output: Callable[[dict[str, Any]], Dataset], gpu: bool = False, **options: Any) -> Callable:
+    """Decorator for a stage's task: `output(parameters)` names the dataset the task writes; `gpu` makes the
+    task hold one slot of the global concurrency limit `gpu` while it runs (models on the accelerator)."""
 
-    def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+        # No cache entry while the output is incomplete, damaged or deleted: Prefect must run the stage (which
+        # then resumes from its manifest). Once complete, the key names this completion of this dataset.
         dataset = output(parameters)
-        return f"{name}-{dataset.key}-{store_id(dataset.root)}"
+        if not dataset.is_complete():
+            return None
+        return f"{name}-{dataset.key}-{store_id(dataset.root)}-{dataset.summary()['completed_at']}"
 
     settings: dict[str, Any] = {
         "name": name,
@@ -50,7 +61,69 @@ def stage_task(name: str, output: Callable[[dict[str, Any]], Dataset], **options
         "retry_delay_seconds": exponential_backoff(backoff_factor=2),
         "retry_condition_fn": retry_transient,
     }
-    return task(**{**settings, **options})
+
+    def decorate(fn: Callable) -> Task:
+        body = _holding_output_lock(fn, output)
+        body = _holding_gpu_slot(body) if gpu else body
+        return task(**{**settings, **options})(_with_fault_injection(name, body))
+
+    return decorate
+
+
+def _holding_output_lock(fn: Callable, output: Callable[[dict[str, Any]], Dataset]) -> Callable:
+    """Two runs computing the same dataset at once: the second waits for the first, then finds it complete."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with output(bound.arguments).lock():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def _holding_gpu_slot(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from prefect.concurrency.sync import concurrency
+
+        with concurrency(GPU_SLOT, occupy=1, strict=False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def ensure_gpu_limit(slots: int = 1) -> None:
+    """Create (or resize) the global concurrency limit `gpu` on the current Prefect API."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(GPU_SLOT, slots)
+
+
+# Fault injection for reliability tests: SELFEXPLAIN_FAULT="<task name>:transient" makes that task raise a
+# TransientError on its first attempt in this process (then succeed on retry); "<task name>:permanent"
+# makes every attempt raise a RuntimeError. Unset, it costs one environment lookup per task run.
+FAULT_ENV = "SELFEXPLAIN_FAULT"
+_faults_raised: set[str] = set()
+
+
+def _with_fault_injection(name: str, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        spec = os.environ.get(FAULT_ENV, "")
+        target, _, kind = spec.partition(":")
+        if target == name:
+            if kind == "permanent":
+                raise RuntimeError(f"injected permanent fault in task {name!r} ({FAULT_ENV})")
+            if kind == "transient" and name not in _faults_raised:
+                _faults_raised.add(name)
+                raise TransientError(f"injected transient fault in task {name!r} ({FAULT_ENV})")
+        return fn(*args, **kwargs)
+
+    return run
 
 
 @task(name="refresh-catalog", retries=RETRIES, retry_delay_seconds=[1, 4, 16], retry_condition_fn=retry_transient)

@@ -189,24 +189,25 @@ def all_layers(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
 def next_tokens(lm: LoadedModel, ids: list[int], patches: list[tuple[list[int], int, torch.Tensor]] | None,
                 batch_size: int) -> list[int]:  # fmt: skip
     """Greedy next-token ids of x: clean (patches None) or one per (chunk layers, position, vector)."""
-    if patches is None:
-        patches_iter: list = [None]
-    else:
-        patches_iter = patches
-    out = []
-    for start in range(0, len(patches_iter), batch_size):
-        chunk = patches_iter[start : start + batch_size]
-        x = torch.tensor([ids] * len(chunk), device=lm.runtime.device)
-        if chunk[0] is None:
-            ctx = contextlib.nullcontext()
-        else:
-            ctx = _Patch(
-                lm, [c[0] for c in chunk], torch.tensor([c[1] for c in chunk]), torch.stack([c[2] for c in chunk])
-            )
-        with ctx, lm.runtime.autocast_context():
-            logits = lm.model(input_ids=x, logits_to_keep=1).logits[:, -1]
-        out += logits.argmax(-1).tolist()
-    return out
+    todo: list = [None] if patches is None else patches
+
+    def run(size: int) -> list[int]:
+        out = []
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            x = torch.tensor([ids] * len(chunk), device=lm.runtime.device)
+            if chunk[0] is None:
+                ctx = contextlib.nullcontext()
+            else:
+                ctx = _Patch(
+                    lm, [c[0] for c in chunk], torch.tensor([c[1] for c in chunk]), torch.stack([c[2] for c in chunk])
+                )
+            with ctx, lm.runtime.autocast_context():
+                logits = lm.model(input_ids=x, logits_to_keep=1).logits[:, -1]
+            out += logits.argmax(-1).tolist()
+        return out
+
+    return models.oom_backoff(run, batch_size, "patching sweep")
 
 
 def sweep_pair(
@@ -340,7 +341,9 @@ def patching_key(recipe: PatchingRecipe) -> str:
 
 
 @stage_task(
-    "patching-ground-truth", output=lambda p: Dataset(store_root(p["recipe"].home), STAGE, patching_key(p["recipe"]))
+    "patching-ground-truth",
+    gpu=True,
+    output=lambda p: Dataset(store_root(p["recipe"].home), STAGE, patching_key(p["recipe"])),
 )
 def patching_ground_truth(recipe: PatchingRecipe) -> dict[str, Any]:
     """Sweep the counterfactual pairs and write the balanced `patching_gt` table."""

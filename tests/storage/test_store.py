@@ -1,8 +1,10 @@
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from storage.hashing import config_hash, file_sha256
 from storage.store import Dataset, complete_datasets, store_id, store_root
@@ -82,3 +84,57 @@ def test_config_hash_depends_on_version_and_config():
     assert base == config_hash("s", 1, {"b": [1, 2], "a": 1})  # key order does not matter
     assert base != config_hash("s", 2, {"a": 1, "b": [1, 2]})
     assert base != config_hash("s", 1, {"a": 2, "b": [1, 2]})
+
+
+def _complete(home, key="k", shards=3) -> Dataset:
+    ds = Dataset(home, "acts", key)
+    ds.create({"stage": "test"})
+    for i in range(shards):
+        ds.write_shard(i, _table(10 + i))
+    ds.mark_complete({"shards": shards})
+    return ds
+
+
+def test_a_truncated_shard_withdraws_the_dataset_and_only_that_shard(home):
+    ds = _complete(home)
+    victim = ds.shard_path(1)
+    victim.write_bytes(victim.read_bytes()[:-20])  # a torn write / full disk
+    assert not ds.is_complete()  # detected by size, the cheap check every stage and the catalog make
+    assert not (ds.path / "_COMPLETE.json").exists() and not victim.exists()
+    assert [ds.shard_done(i) for i in range(3)] == [True, False, True]  # a rerun rewrites shard 1 only
+    assert list(complete_datasets(home)) == []
+
+
+def test_a_corrupt_shard_is_caught_on_read_and_never_served(home):
+    from storage.errors import CorruptShardError
+
+    ds = _complete(home)
+    victim = ds.shard_path(2)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    victim.write_bytes(bytes(data))
+    assert ds.is_complete()  # the size check cannot see it ...
+    assert ds.damaged(full=True) == {2: f"{victim} does not match its manifest sha256"}
+    with pytest.raises(CorruptShardError, match="part-00002.parquet is corrupt"):
+        list(ds.iter_shards())  # ... the read does, before serving it
+    assert not ds.is_complete() and [ds.shard_done(i) for i in range(3)] == [True, True, False]
+
+
+def test_the_dataset_lock_serialises_writers(home):
+    import threading
+
+    ds = Dataset(home, "acts", "k")
+    order = []
+
+    def writer(name: str) -> None:
+        with ds.lock():
+            order.append(f"{name} in")
+            time.sleep(0.2)
+            order.append(f"{name} out")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])

@@ -1,11 +1,14 @@
 from pathlib import Path
 
 import pytest
+import torch
 from prefect import flow
 
 from storage.errors import TransientError
 from storage.store import Dataset
-from tasks.orchestration import stage_task
+from tasks import orchestration
+from tasks.models import oom_backoff
+from tasks.orchestration import FAULT_ENV, stage_task
 
 
 def _flaky_task(home: Path, failures: list[BaseException]):
@@ -36,3 +39,44 @@ def test_other_errors_fail_at_once(home):
     with pytest.raises(ValueError, match="a bug"):
         run(1)
     assert len(calls) == 1
+
+
+def test_injected_transient_fault_is_retried_to_success(home, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "flaky:transient")
+    monkeypatch.setattr(orchestration, "_faults_raised", set())
+    run, calls = _flaky_task(home, [])
+    assert run(5) == 10 and len(calls) == 1  # the fault struck before the body, once
+
+
+def test_injected_permanent_fault_fails_the_run_naming_the_task(home, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "flaky:permanent")
+    run, calls = _flaky_task(home, [])
+    with pytest.raises(RuntimeError, match="injected permanent fault in task 'flaky'"):
+        run(5)
+    assert calls == []
+
+
+def test_oom_halves_the_batch_until_it_fits():
+    tried = []
+
+    def run(size: int) -> int:
+        tried.append(size)
+        if size > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return size
+
+    assert oom_backoff(run, 32, "test") == 4 and tried == [32, 16, 8, 4]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        oom_backoff(lambda size: run(size * 100), 2, "test")
+
+
+def test_cache_key_exists_only_for_a_complete_dataset(home):
+    from prefect.cache_policies import CacheKeyFnPolicy
+
+    task = stage_task("keyed", output=lambda p: Dataset(home, "keyed", "k"))(lambda x: x)
+    key = lambda: task.cache_policy.compute_key(None, {"x": 1}, {})  # noqa: E731
+    assert isinstance(task.cache_policy, CacheKeyFnPolicy) and key() is None
+    ds = Dataset(home, "keyed", "k")
+    ds.create({})
+    ds.mark_complete({})
+    assert key().startswith("keyed-k-") and key().endswith(str(ds.summary()["completed_at"]))

@@ -1,0 +1,173 @@
+"""End to end against a real Prefect server: `selfexplain serve`, runs triggered the way the UI triggers them.
+
+A module fixture starts `prefect server start` on 127.0.0.1 (SQLite in a private PREFECT_HOME) and
+`selfexplain serve` beside it; the tests use the server's API exactly as the UI does.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from storage.catalog import connect_read_only
+from tests.flows.test_outcomes import tiny_ablation_recipe
+
+SERVER_START_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout_s: float, what: str, every_s: float = 1.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise TimeoutError(f"{what} within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(api_url, ui_url, store, env) of a running server with every deployment served."""
+    tmp = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
+           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+           "PREFECT_LOGGING_LEVEL": "WARNING"}  # fmt: skip
+    logs = tmp / "logs"
+    logs.mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    serve = None
+    try:
+        _wait(lambda: _healthy(api), SERVER_START_TIMEOUT_S, "the Prefect server did not start")
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "serve", "--home", str(tmp / "store")],
+            env=env, cwd=Path(__file__).resolve().parents[2], stdout=open(logs / "serve.log", "w"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        _wait(lambda: len(_deployments(api)) >= 6, 120, "the deployments were not served")
+        yield api, f"http://127.0.0.1:{port}", tmp / "store", env
+    finally:
+        for proc in (serve, server):
+            if proc is not None:
+                os.killpg(proc.pid, 15)
+                proc.wait(timeout=30)
+
+
+def _healthy(api: str) -> bool:
+    try:
+        return httpx.get(f"{api}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _deployments(api: str) -> dict[str, dict]:
+    rows = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+    return {d["name"]: d for d in rows}
+
+
+def _trigger(api: str, deployment: str, parameters: dict) -> httpx.Response:
+    """What the UI's 'Run' form does: POST the form's parameters to create a run of the deployment."""
+    dep = _deployments(api)[deployment]
+    return httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters}, timeout=30)
+
+
+def _state(api: str, run_id: str) -> str:
+    return httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()["state"]["type"]
+
+
+def tiny_experiment_parameters(store: Path) -> dict:
+    ablation = tiny_ablation_recipe(store).model_dump(mode="json")
+    return {"recipe": {"home": str(store), "target": ablation["target"], "tasks": ["ablation"],
+                       "grid": {"n_train": [4, 8], "seeds": [0]}, "ablation": ablation}}  # fmt: skip
+
+
+def test_deployments_forms_schedule_and_parameter_validation(served):
+    api, _, store, _ = served
+    deps = _deployments(api)
+    assert {"cache-activations", "features", "patching", "ablation", "experiment", "nightly-data-efficiency"} <= set(
+        deps
+    )
+    nightly = deps["nightly-data-efficiency"]
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+    assert nightly["concurrency_limit"] == 1 and nightly["parameters"]["recipe"]["grid"]["n_train"] == [
+        32,
+        64,
+        128,
+        256,
+        512,
+    ]
+    # the form: the parameter schema carries every field's description
+    schema = nightly["parameter_openapi_schema"]
+    assert "recipe" in schema["properties"] and "GridConfig" in str(schema)
+    assert "Training-set sizes (a log grid; nested subsets)." in str(schema)
+    bad = _trigger(api, "experiment", {"recipe": {"grid": {"n_train": "lots"}}})
+    assert bad.status_code == 409 and "n_train" in bad.text, bad.text
+
+
+def test_a_run_triggered_like_the_ui_completes_with_artifacts_and_metrics(served):
+    api, _, store, _ = served
+    created = _trigger(api, "experiment", tiny_experiment_parameters(store))
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    final = _wait(lambda: (s := _state(api, run_id)) in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and s,
+                  RUN_TIMEOUT_S, "the run did not finish")  # fmt: skip
+    assert final == "COMPLETED"
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+    by_key = {a["key"]: a for a in artifacts}
+    assert by_key["ablation-metrics"]["type"] == "table" and "exact_match" in str(by_key["ablation-metrics"]["data"])
+    assert (
+        by_key["experiment-report"]["type"] == "markdown"
+        and "Task C: input ablation" in by_key["experiment-report"]["data"]
+    )
+    assert any(a["type"] == "progress" for a in artifacts)
+    with connect_read_only(store) as con:
+        rows = con.execute("select count(distinct n_train) from metrics where method = 'trained'").fetchone()
+    assert rows == (2,)
+
+
+def test_nightly_sweep_runs_one_at_a_time(served):
+    api, _, store, _ = served
+    params = tiny_experiment_parameters(store.parent / "nightly-store")
+    ids = [_trigger(api, "nightly-data-efficiency", params).json()["id"] for _ in range(2)]
+    seen_both_running = False
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        states = [_state(api, i) for i in ids]
+        seen_both_running |= states == ["RUNNING", "RUNNING"]
+        if all(s in ("COMPLETED", "FAILED", "CRASHED") for s in states):
+            break
+        time.sleep(0.5)
+    assert states == ["COMPLETED", "COMPLETED"] and not seen_both_running
+
+
+def test_the_served_ui_lists_the_deployments_in_headless_chromium(served, tmp_path):
+    """The deployments page rendered by Debian's chromium (installed by `make test`); a screenshot is kept."""
+    _, ui, _, _ = served
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is missing: `make test` installs it (apt-get install chromium)"
+    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--window-size=1400,1000", "--virtual-time-budget=20000"]  # fmt: skip
+    shot = tmp_path / "deployments.png"
+    subprocess.run([*args, f"--screenshot={shot}", f"{ui}/deployments"], check=True, capture_output=True, timeout=180)
+    assert shot.stat().st_size > 10_000
+    dom = subprocess.run([*args, "--dump-dom", f"{ui}/deployments"], check=True, capture_output=True, text=True,
+                         timeout=180).stdout  # fmt: skip
+    for name in ("nightly-data-efficiency", "patching", "ablation", "features", "experiment"):
+        assert name in dom, name
