@@ -136,11 +136,18 @@ def check_source(cfg: CorpusConfig) -> None:
         raise UserInputError("corpus.source", f"{path} does not exist", "point corpus.source at a file or folder")
     if path.is_file() and path.suffix not in SUFFIXES:
         raise UserInputError("corpus.source", f"{path} has an unsupported suffix", f"use one of {', '.join(SUFFIXES)}")
+    # A look at the first document: encoding, the text field and emptiness fail here, before anything runs.
+    if next((d for d in _documents(cfg) if d.strip()), None) is None:
+        raise UserInputError("corpus.source", f"{path} holds no text", "point corpus.source at a non-empty corpus")
 
 
 def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
     """Documents of the corpus, lazily and in a fixed order (files sorted by path)."""
     check_source(cfg)
+    yield from _documents(cfg)
+
+
+def _documents(cfg: CorpusConfig) -> Iterator[str]:
     if cfg.source == BUILTIN:
         yield from _python_docs()
         return

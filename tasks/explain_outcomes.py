@@ -32,7 +32,7 @@ from tasks import explainer as ex
 from tasks import models, outcomes
 from tasks.ablation import ablation_key
 from tasks.config import AblationRecipe, ExplainerConfig, PatchingRecipe
-from tasks.importers import check_import
+from tasks.importers import check_import, import_act_patch, import_input_ablation
 from tasks.orchestration import progress_reporter, stage_task
 from tasks.patching import patching_key
 from tasks.results import Metric, Prediction, record_run
@@ -56,13 +56,26 @@ def ground_truth(recipe: OutcomeRecipe) -> Dataset:
 def check_recipe(recipe: OutcomeRecipe) -> None:
     """Validate before anything runs: the ground-truth source, every explainer's model, the role lists."""
     cfg = recipe.patching if isinstance(recipe, PatchingRecipe) else recipe.ablation
-    if not check_import(cfg.import_train, cfg.import_test, task_name(recipe)):
+    if check_import(cfg.import_train, cfg.import_test, task_name(recipe)):
+        importer = import_act_patch if isinstance(recipe, PatchingRecipe) else import_input_ablation
+        for name in ("import_train", "import_test"):
+            try:
+                importer(getattr(cfg, name))
+            except UserInputError as err:
+                raise UserInputError(f"{task_name(recipe)}.{name}", err.problem, err.fix) from None
+    else:
         models.resolve(recipe.target)
     for role, explainer in recipe.explainers.items():
         try:
             models.resolve(explainer.model)
         except UserInputError as err:
             raise UserInputError(f"explainers.{role}.model.name", err.problem, err.fix) from None
+    gt = ground_truth(recipe)
+    if recipe.eval.n_train is not None and gt.is_complete():  # known only once the ground truth exists
+        n = sum(s == "train" for t in gt.iter_shards(columns=["split"]) for s in t.column("split").to_pylist())
+        if recipe.eval.n_train > n:
+            raise UserInputError("eval.n_train", f"{recipe.eval.n_train} exceeds the {n} training rows of {gt.table}",
+                                 f"use at most {n}, or build more ground truth")  # fmt: skip
     unknown = [r for r in recipe.eval.no_activation_roles if r not in recipe.explainers]
     if unknown:
         raise UserInputError("eval.no_activation_roles", f"{unknown} are not explainer roles",

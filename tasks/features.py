@@ -51,6 +51,11 @@ DELTA_SUBJECTS = ("France", "Japan", "Brazil", "Egypt", "Canada", "India", "Germ
 def check_recipe(recipe: FeaturesRecipe) -> CachePlan:
     """Validate a features recipe before anything runs: the cache part, then every explainer's model."""
     plan = plan_cache(recipe.cache_recipe())
+    if recipe.sae.load_from:
+        for layer in recipe.cache.layers:
+            if not (Path(recipe.sae.load_from) / f"layer_{layer}" / "cfg.json").is_file():
+                raise UserInputError("sae.load_from", f"{recipe.sae.load_from} has no sae-lens SAE for layer {layer} "
+                                     f"(layer_{layer}/cfg.json)", "save one SAE per cached layer, or train them")  # fmt: skip
     if not recipe.explainers:
         raise UserInputError("explainers", "no explainer configured", "add at least one role, e.g. self")
     for role, cfg in recipe.explainers.items():

@@ -220,6 +220,7 @@ def resolve(cfg: ModelConfig) -> ResolvedModel:
     if path.exists():
         if not (path / "config.json").is_file():
             raise _unknown(name, "is a path but holds no config.json")
+        check_weights(path)
         digest = file_sha256(str(path / "config.json"))[:12]
         return ResolvedModel(name, str(path.resolve()), f"{path.resolve()}@{digest}")
     if "/" not in name or name.startswith((".", "/", "~")):
@@ -229,6 +230,29 @@ def resolve(cfg: ModelConfig) -> ResolvedModel:
     except OSError:
         raise _unknown(name, "is not in the local HF cache and the hub cannot be reached") from None
     return ResolvedModel(name, name, name)
+
+
+def check_weights(folder: Path) -> None:
+    """Every *.safetensors file of a model folder is whole: its header parses and the tensors it lists fit in
+    the file (a truncated download or copy fails here, by name, instead of deep inside from_pretrained)."""
+    import json
+    import struct
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not list(folder.glob("*.bin")):
+        raise _unknown(str(folder), "is a path but holds no *.safetensors or *.bin weights")
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n)) if 8 + n <= size else None
+        except (struct.error, ValueError):
+            header = None
+        end = max((t["data_offsets"][1] for k, t in (header or {}).items() if k != "__metadata__"), default=0)
+        if header is None or 8 + n + end > size:
+            raise UserInputError("model.name", f"{f} is truncated or not a safetensors file ({size} bytes)",
+                                 "re-copy or re-download the model folder")  # fmt: skip
 
 
 def target_key(stage: str, version: int, target: ModelConfig, config: object) -> str:
