@@ -113,6 +113,7 @@ class Explainer(nn.Module):
             self.proj = nn.Parameter(w.to(lm.runtime.device))
         self.model = lm.model
         if cfg.finetune == "lora":
+            torch.manual_seed(cfg.seed)  # LoRA's A matrices draw from the global RNG: same seed, same init
             self._wrap_lora()
 
     # -- construction ---------------------------------------------------------------------------------------
