@@ -35,7 +35,7 @@ from tasks.config import AblationRecipe, ExplainerConfig, PatchingRecipe
 from tasks.importers import check_import, import_act_patch, import_input_ablation
 from tasks.orchestration import progress_reporter, stage_task
 from tasks.patching import patching_key
-from tasks.results import Metric, Prediction, record_run
+from tasks.results import Metric, Prediction, record_run, recorded
 
 STAGE_VERSION = 1  # explainer checkpoints
 EVAL_VERSION = 1  # evaluation only: bumping it re-scores without retraining
@@ -265,6 +265,8 @@ def evaluate_outcomes_task(recipe: OutcomeRecipe, checkpoints: dict[str, str], r
     """Score every method; write `metrics`, `predictions`, `runs`; publish a table artifact."""
     from prefect.logging import get_run_logger
 
+    if done := recorded(store_root(recipe.home), run_id):
+        return done
     started = time.time()
     metrics, predictions = evaluate(recipe, checkpoints, run_id, get_run_logger().info)
     return record_run(store_root(recipe.home), task_name(recipe), recipe, run_id, metrics, predictions, started,

@@ -31,7 +31,7 @@ from tasks.activations import CachePlan, activations_dataset, plan_cache
 from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig
 from tasks.llm import complete
 from tasks.orchestration import progress_reporter, stage_task
-from tasks.results import Metric, Prediction, record_run
+from tasks.results import Metric, Prediction, record_run, recorded
 from tasks.sae import layer_activations, write_exemplars, write_sae_layer
 from tasks.simulate import JUDGE_PROMPT, LMSimulator, SentenceEmbedder, judge_rating, mean_se, simulator_score
 
@@ -522,6 +522,8 @@ def evaluate_task(
 
     from prefect.logging import get_run_logger
 
+    if done := recorded(Path(plan.home), run_id):
+        return done
     started = time.time()
     metrics, predictions = evaluate(recipe, plan, gt_key, checkpoints, run_id, get_run_logger().info)
     return record_run(Path(plan.home), "features", recipe, run_id, metrics, predictions, started,
