@@ -428,8 +428,19 @@ def batches(items: Sequence[Query], size: int, rng: random.Random) -> Iterator[l
         yield [items[i] for i in b]
 
 
-def train(explainer: Explainer, train_set: Sequence[Query], val_set: Sequence[Query], progress=None) -> TrainResult:
-    """AdamW at a constant LR; keeps the weights of the epoch with the best validation loss (early stop)."""
+def train(
+    explainer: Explainer,
+    train_set: Sequence[Query],
+    val_set: Sequence[Query],
+    progress=None,
+    state_path: Path | None = None,
+) -> TrainResult:
+    """AdamW at a constant LR; keeps the weights of the epoch with the best validation loss (early stop).
+
+    With `state_path`, the loop saves its whole state after every epoch (trainable weights, optimiser, data-
+    order and torch RNGs, losses, the best epoch's weights) and a restarted run resumes after the last saved
+    epoch: a killed run repeats at most one epoch, and reaches the same weights as an uninterrupted one.
+    """
     cfg = explainer.cfg
     if not train_set:
         raise UserInputError("explainer", "no training examples", "give the stage more ground truth")
@@ -437,11 +448,18 @@ def train(explainer: Explainer, train_set: Sequence[Query], val_set: Sequence[Qu
     rng = random.Random(cfg.seed)
     params = [p for p in explainer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_losses, val_losses, best, best_state, steps, n_tokens = [], [], float("inf"), None, 0, 0
+    log: dict[str, Any] = {"epoch": 0, "train_losses": [], "val_losses": [], "best": float("inf"), "best_epoch": 0,
+                           "best_state": None, "steps": 0, "n_tokens": 0, "stopped": False}  # fmt: skip
+    if state_path is not None and state_path.exists():
+        saved = torch.load(state_path, weights_only=False)
+        explainer.load_state_dict({**explainer.state_dict(), **saved["weights"]})
+        opt.load_state_dict(saved["optimizer"])
+        rng.setstate(saved["rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        log = saved["log"]
     t0 = time.perf_counter()
-    best_epoch = 0
     n_batches = -(-len(train_set) // cfg.batch_size)
-    for epoch in range(cfg.epochs):
+    for epoch in range(log["epoch"], 0 if log["stopped"] else cfg.epochs):
         explainer.model.train()
         total = 0.0
         for i, qs in enumerate(batches(train_set, cfg.batch_size, rng)):
@@ -451,26 +469,40 @@ def train(explainer: Explainer, train_set: Sequence[Query], val_set: Sequence[Qu
             loss.backward()
             opt.step()
             total += loss.item()
-            steps += 1
-            n_tokens += int(batch["attention_mask"].sum())
+            log["steps"] += 1
+            log["n_tokens"] += int(batch["attention_mask"].sum())
             if progress:
                 progress(
-                    (epoch * n_batches + i + 1) / (cfg.epochs * n_batches), f"epoch {epoch} loss {float(loss):.3f}"
+                    (epoch * n_batches + i + 1) / (cfg.epochs * n_batches), f"epoch {epoch} loss {loss.item():.3f}"
                 )
-        train_losses.append(total / n_batches)
-        val = evaluate_loss(explainer, val_set) if val_set else train_losses[-1]
-        val_losses.append(val)
-        if val < best:
-            best, best_epoch = val, epoch
-            best_state = {k: v.detach().clone() for k, v in explainer.state_dict().items() if _trainable(explainer, k)}
+        log["train_losses"].append(total / n_batches)
+        val = evaluate_loss(explainer, val_set) if val_set else log["train_losses"][-1]
+        log["val_losses"].append(val)
+        log["epoch"] = epoch + 1
+        if val < log["best"]:
+            log["best"], log["best_epoch"] = val, epoch
+            log["best_state"] = {k: v.detach().clone() for k, v in explainer.state_dict().items()
+                                 if _trainable(explainer, k)}  # fmt: skip
         elif val_set:
-            break  # validation loss rose: stop, keep the best epoch
-    if best_state is not None:
-        explainer.load_state_dict({**explainer.state_dict(), **best_state})
+            log["stopped"] = True  # validation loss rose: stop, keep the best epoch
+        if state_path is not None:
+            _save_train_state(state_path, explainer, opt, rng, log)
+        if log["stopped"]:
+            break
+    if log["best_state"] is not None:
+        explainer.load_state_dict({**explainer.state_dict(), **log["best_state"]})
     explainer.model.eval()
-    return TrainResult(
-        steps, len(train_losses), best_epoch, train_losses, val_losses, n_tokens / (time.perf_counter() - t0)
-    )
+    return TrainResult(log["steps"], len(log["train_losses"]), log["best_epoch"], log["train_losses"],
+                       log["val_losses"], log["n_tokens"] / max(time.perf_counter() - t0, 1e-9))  # fmt: skip
+
+
+def _save_train_state(path: Path, explainer: Explainer, opt: torch.optim.Optimizer, rng: random.Random,
+                      log: dict[str, Any]) -> None:  # fmt: skip
+    weights = {k: v.detach().clone() for k, v in explainer.state_dict().items() if _trainable(explainer, k)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"weights": weights, "optimizer": opt.state_dict(), "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(), "log": log}, tmp)  # fmt: skip
+    tmp.replace(path)
 
 
 def _trainable(explainer: Explainer, key: str) -> bool:
@@ -506,8 +538,10 @@ def train_to_checkpoint(
     queries = make_queries(explainer)
     order = np.random.default_rng(cfg.seed).permutation(len(queries))
     n_val = int(round(cfg.val_fraction * len(queries)))
-    result = train(explainer, [queries[i] for i in order[n_val:]], [queries[i] for i in order[:n_val]], progress)
     out.create({"stage": "explainer", "config": cfg.model_dump(), **meta})
+    state = out.path / "_train_state.pt"  # per-epoch resume point; removed once the checkpoint is written
+    result = train(explainer, [queries[i] for i in order[n_val:]], [queries[i] for i in order[:n_val]], progress,
+                   state)  # fmt: skip
     explainer.save(out.path / "checkpoint", {**meta, "n_train": len(queries)})
     n = result.epochs_run
     out.write_shard(0, pa.table({"role": [meta.get("role", "")] * n, "explainer_model": [cfg.model.name] * n,
@@ -516,4 +550,5 @@ def train_to_checkpoint(
     summary = {**meta, "n_train": len(queries), "best_epoch": result.best_epoch, "steps": result.steps,
                "tokens_per_s": result.tokens_per_s, "model": cfg.model.name}  # fmt: skip
     out.mark_complete(summary)
+    state.unlink(missing_ok=True)
     return summary

@@ -165,3 +165,29 @@ def test_text_only_queries_inject_nothing_and_a_lost_payload_is_caught():
     torch.testing.assert_close(embeds, plain, rtol=0, atol=0)
     with pytest.raises(ValueError, match="payload"):
         ex.collate([Query(np.ones(64, np.float32), 0, "no placeholder here")], train=False)
+
+
+def test_training_killed_mid_epoch_resumes_from_its_last_epoch_to_the_same_weights(tmp_path):
+    rng = np.random.default_rng(4)
+    qs = [Query(rng.normal(size=64).astype(np.float32), 1, f"What does {SPAN} encode at layer 1?", a)
+          for a in ("cats", "dogs", "fish", "owls", "bees", "ants")]  # fmt: skip
+    settings = {"lr": 3e-3, "epochs": 3, "batch_size": 2, "val_fraction": 0.0}
+    reference = make_explainer(**settings)
+    ref = train(reference, qs, [])
+
+    class Killed(Exception):
+        pass
+
+    def die_in_epoch_two(fraction: float, message: str) -> None:
+        if message.startswith("epoch 1") and fraction > 0.4:  # after epoch 0 was saved, mid epoch 1
+            raise Killed
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        train(make_explainer(**settings), qs, [], die_in_epoch_two, state)
+    assert torch.load(state, weights_only=False)["log"]["epoch"] == 1
+    resumed = make_explainer(**settings)
+    result = train(resumed, qs, [], None, state)
+    assert result.train_loss == pytest.approx(ref.train_loss, rel=1e-6) and result.steps == ref.steps
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
