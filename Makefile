@@ -45,8 +45,13 @@ demo: $(STAMP)
 	.venv/bin/selfexplain sql "$(DEMO_SUMMARY)"
 	@echo "report: $$(.venv/bin/selfexplain report)"
 
+# Every benchmark, each printing `RESULT <name> <value> goal <goal>` lines; `make bench BENCH_ARGS=--quick`
+# finishes in under 10 minutes. The 10-point crash-resume run is bench/crash_resume.sh.
 bench: $(STAMP)
-	$(PY) bench/activations.py
+	$(PY) bench/activations.py $(BENCH_ARGS)
+	$(PY) bench/decoding.py $(BENCH_ARGS)
+	$(PY) bench/sweep.py $(BENCH_ARGS)
+	$(PY) bench/sql_exemplars.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .selfexplain

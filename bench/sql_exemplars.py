@@ -1,0 +1,103 @@
+"""Benchmark the exemplar query: top-20 contexts per feature from the sparse feature-activation table
+(the SQL of tasks.sae.write_exemplars) at 1M and 10M rows of synthetic Parquet, timed in DuckDB (median of
+3). Agreement: the result equals a NumPy reference on the 1M table.
+
+    .venv/bin/python bench/sql_exemplars.py [--quick]
+
+Ends with `RESULT exemplars_1m_s <s> goal -` and `RESULT exemplars_10m_s <s> goal 2`.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from storage.store import write_parquet  # noqa: E402
+
+QUERY = """
+with per_context as (
+    select layer, feature_id, context_id, max(value) as max_value, arg_max(position, value) as max_position
+    from read_parquet({files}) group by all
+)
+select layer, feature_id, context_id, max_value, max_position,
+       row_number() over (partition by layer, feature_id order by max_value desc, context_id) as rank
+from per_context
+qualify rank <= 20
+order by layer, feature_id, rank
+"""
+
+
+def synthetic(rows: int, folder: Path, seed: int = 0) -> list[str]:
+    """Sparse activations like the features stage writes: 4 layers x 4,608 features, 3,200 contexts x 128."""
+    rng = np.random.default_rng(seed)
+    files = []
+    per_file = 1_000_000
+    for i in range(0, rows, per_file):
+        n = min(per_file, rows - i)
+        table = pa.table({
+            "layer": rng.choice([3, 9, 15, 21], n).astype(np.int16),
+            "feature_id": rng.integers(0, 4608, n, dtype=np.int32),
+            "context_id": rng.integers(0, 3200, n, dtype=np.int32),
+            "position": rng.integers(1, 128, n, dtype=np.int16),
+            "value": rng.exponential(1.0, n).astype(np.float32),
+        })  # fmt: skip
+        path = folder / f"part-{i // per_file:05d}.parquet"
+        write_parquet(table, path)
+        files.append(str(path))
+    return files
+
+
+def reference_top(files: list[str]) -> set[tuple[int, int, int]]:
+    t = duckdb.connect().execute(f"select * from read_parquet({files})").fetchnumpy()
+    best: dict[tuple[int, int, int], float] = {}
+    for layer, f, c, v in zip(t["layer"], t["feature_id"], t["context_id"], t["value"], strict=True):
+        k = (int(layer), int(f), int(c))
+        best[k] = max(best.get(k, -1.0), float(v))
+    by_feature: dict[tuple[int, int], list[tuple[float, int]]] = {}
+    for (layer, f, c), v in best.items():
+        by_feature.setdefault((layer, f), []).append((-v, c))
+    return {(lf[0], lf[1], c) for lf, vs in by_feature.items() for _, c in sorted(vs)[:20]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    sizes = [1_000_000] if args.quick else [1_000_000, 10_000_000]
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in sizes:
+            folder = Path(tmp) / str(rows)
+            folder.mkdir()
+            files = synthetic(rows, folder)
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                result = duckdb.connect().execute(QUERY.format(files=files)).fetchnumpy()
+                times.append(time.perf_counter() - t)
+            label = f"{rows // 1_000_000}m"
+            print(f"{rows:,} rows: {len(result['rank']):,} exemplar rows, median {statistics.median(times):.2f} s")
+            if rows == 1_000_000:
+                got = set(
+                    zip(
+                        result["layer"].tolist(),
+                        result["feature_id"].tolist(),
+                        result["context_id"].tolist(),
+                        strict=True,
+                    )
+                )
+                print(f"agreement with the NumPy reference: {got == reference_top(files)}")
+            print(
+                f"RESULT exemplars_{label}_s {statistics.median(times):.2f} goal {'2' if rows == 10_000_000 else '-'}"
+            )
+
+
+if __name__ == "__main__":
+    main()
