@@ -114,3 +114,30 @@ def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path, cli_e
     for col in ("layer", "context_id", "position", "token_id"):
         np.testing.assert_array_equal(a[col], b[col])
     np.testing.assert_array_equal(np.stack(a["activation"]), np.stack(b["activation"]))
+
+
+def test_two_runs_writing_the_same_dataset_at_once_leave_one_complete_copy(tmp_path, cli_env, recipe_factory):
+    """Two CLI runs of one recipe on one store, started together: the per-dataset lock lets one write while
+    the other waits and then finds it complete; the table equals an in-process run's, no shard torn."""
+    text = tmp_path / "c.txt"
+    text.write_text("Locks keep two writers from tearing one dataset apart. " * 400)
+    sets = ["model.name=tiny-llama", "model.autocast=none", f"corpus.source={text}", "corpus.n_tokens=8192",
+            "corpus.context_length=64", "cache.layers=[0,3]", "cache.contexts_per_shard=16"]  # fmt: skip
+    args = ["run", "cache-activations", "--home", str(tmp_path / "shared"), *sum((["--set", s] for s in sets), [])]
+    procs = [_cli(args, {**cli_env, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")}) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    from deploy.cli import RECIPES, load_recipe
+
+    clean = load_recipe(RECIPES["cache-activations"], None, sets + [f"home={tmp_path / 'clean'}"])
+    cache_activations(clean)
+    query = "select layer, context_id, position, activation from activations order by all"
+    a = connect_read_only(tmp_path / "shared").execute(query).fetchnumpy()
+    b = connect_read_only(tmp_path / "clean").execute(query).fetchnumpy()
+    assert len(a["layer"]) == 2 * 128 * 63
+    np.testing.assert_array_equal(np.stack(a["activation"]), np.stack(b["activation"]))
+    shared = tmp_path / "shared" / "tables" / "activations"
+    (dataset,) = [d for d in shared.iterdir() if d.is_dir()]
+    assert len(list(dataset.glob("part-*.parquet"))) == len(list((dataset / "_manifest").glob("*.json"))) == 8
+    assert not list(dataset.glob(".*tmp*"))
