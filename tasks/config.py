@@ -273,11 +273,12 @@ class OutcomeEvalConfig(StrictModel):
     max_prompt_tokens: int = Field(
         500, gt=0, description="Training rows whose explainer prompt is longer are skipped (the paper's 500)."
     )
-    no_activation_roles: list[str] = Field(
-        ["self"],
-        description="Patching only: roles that also get an explainer trained without the activation (span "
-        "removed from every template; the '- activation' ablation), evaluated as method no_activation.",
+    prompt_ablations: list[Literal["no_activation", "no_layer", "no_token"]] = Field(
+        ["no_activation"],
+        description="Patching only: explainers retrained with one part of every template removed (the paper's "
+        "'- activation', '- layer', '- token'), each evaluated as its own method.",
     )
+    ablation_roles: list[str] = Field(["self"], description="Roles that get the prompt-ablation explainers.")
     zero_shot: bool = Field(True, description="Also score each explainer's untrained model with the paper's prompt.")
     seed: int = Field(0, description="Seed of the train/test samples and of template choice at evaluation.")
 
@@ -326,7 +327,7 @@ class AblationRecipe(StrictModel):
         description="Trained explainers by role; 'self' should start from the target's weights.",
     )
     eval: OutcomeEvalConfig = Field(
-        default_factory=lambda: OutcomeEvalConfig(no_activation_roles=[]),
+        default_factory=lambda: OutcomeEvalConfig(prompt_ablations=[]),
         description="Training caps and baselines.",
     )
 

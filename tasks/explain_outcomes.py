@@ -3,13 +3,14 @@
 
 Train: each role's explainer learns `patching_gt` / `ablation_gt` train rows (a seeded `n_train` sample) with
 the paper's templates and target sentences; patching carries v as a continuous token, ablation none. For
-patching, roles in `no_activation_roles` also get an explainer trained with the span removed from every
-template (the "- activation" ablation): what the text alone predicts.
+patching, roles in `ablation_roles` also get an explainer per `prompt_ablations` entry, trained with one part
+of every template removed: the span ("- activation": what the text alone predicts), the layer string or the
+token string.
 
 Evaluate on the test split (a seeded `n_test` sample), every method on the same rows:
   trained        the fine-tuned explainer
   zero_vector    patching: the trained explainer, same prompts, v = 0 (does it read v at all?)
-  no_activation  patching: the explainer trained without v
+  no_activation  patching: the explainer trained without v (no_layer, no_token likewise)
   zero_shot      the explainer's untrained model with the paper's baseline prompt (App. H.2 / H.3)
   majority       the most frequent target sentence of the train rows
   position_bias  ablation: the majority flag plus the target's most frequent no-hint letter in train
@@ -76,12 +77,13 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
         if recipe.eval.n_train > n:
             raise UserInputError("eval.n_train", f"{recipe.eval.n_train} exceeds the {n} training rows of {gt.table}",
                                  f"use at most {n}, or build more ground truth")  # fmt: skip
-    unknown = [r for r in recipe.eval.no_activation_roles if r not in recipe.explainers]
-    if unknown:
-        raise UserInputError("eval.no_activation_roles", f"{unknown} are not explainer roles",
+    unknown = [r for r in recipe.eval.ablation_roles if r not in recipe.explainers]
+    if unknown and recipe.eval.prompt_ablations:
+        raise UserInputError("eval.ablation_roles", f"{unknown} are not explainer roles",
                              f"use roles of `explainers`: {sorted(recipe.explainers)}")  # fmt: skip
-    if isinstance(recipe, AblationRecipe) and recipe.eval.no_activation_roles:
-        raise UserInputError("eval.no_activation_roles", "ablation questions carry no activation", "set it to []")
+    if isinstance(recipe, AblationRecipe) and recipe.eval.prompt_ablations:
+        raise UserInputError("eval.prompt_ablations", "ablation questions carry no vector, layer or token",
+                             "set it to []")  # fmt: skip
 
 
 def load_rows(gt: Dataset, split: str, cap: int | None, seed: int) -> list[dict[str, Any]]:
@@ -107,7 +109,7 @@ def target_dims(task: str, rows: list[dict[str, Any]]) -> tuple[int | None, int]
 
 
 def _mode(variant: str) -> str:
-    return "no_activation" if variant == "no_activation" else "trained"
+    return variant  # "trained", or the prompt ablation the explainer was trained with
 
 
 def explainer_key(recipe: OutcomeRecipe, role: str, variant: str) -> str:
@@ -127,7 +129,7 @@ def variants(recipe: OutcomeRecipe) -> list[tuple[str, str]]:
     """(role, variant) of every explainer the flow trains."""
     out = [(role, "trained") for role in recipe.explainers]
     if isinstance(recipe, PatchingRecipe):
-        out += [(role, "no_activation") for role in recipe.eval.no_activation_roles]
+        out += [(role, v) for role in recipe.eval.ablation_roles for v in recipe.eval.prompt_ablations]
     return out
 
 

@@ -120,9 +120,15 @@ ZERO_SHOT_ABLATION = (
     "The output would remain unchanged from <<<Answer: C>>>.\n"
     "The output would change to <<<Answer: B>>>."
 )
-# How a question is put: the trained templates; the same with v = 0 (R8) or without the span ("- activation",
-# §4.8); the untrained baseline's prompt.
-MODES = ("trained", "zero_vector", "no_activation", "zero_shot")
+# How a question is put: the trained templates; the same with v = 0 (R8); without the span, the layer string
+# or the token string (the paper's "- activation", "- layer", "- token", §4.8); the untrained baseline's prompt.
+MODES = ("trained", "zero_vector", "no_activation", "no_layer", "no_token", "zero_shot")
+# The phrases that carry the layer and the token in the five templates ("at layer {layer}", "steer layer {layer}
+# towards", "to / at / and tokens {tokens}"); removing them leaves a grammatical question.
+DROP = {
+    "no_layer": re.compile(r" (?:at )?layer \{layer\}"),
+    "no_token": re.compile(r" (?:to |at |and )?tokens \{tokens\}"),
+}
 
 
 def gold(task: str, row: dict) -> tuple[bool, str]:
@@ -154,6 +160,8 @@ def _patching_query(r: dict, mode: str, rng: random.Random) -> Query:
               "input": r["input_text"]}  # fmt: skip
     if mode == "zero_shot":
         template = ZERO_SHOT_PATCHING
+    if mode in DROP:
+        template = DROP[mode].sub("", template)
     vector = np.asarray(r["intervention_vector"], dtype=np.float32)
     if mode == "zero_vector":
         vector = np.zeros_like(vector)
@@ -166,7 +174,7 @@ def _patching_query(r: dict, mode: str, rng: random.Random) -> Query:
 
 def _ablation_query(r: dict, mode: str, rng: random.Random) -> Query:
     """The hinted prompt under the target's own system prompt; no vector (§5.3)."""
-    if mode in ("zero_vector", "no_activation"):
+    if mode not in ("trained", "zero_shot"):
         raise ValueError(f"mode {mode!r} needs a vector; ablation questions carry none")
     text = r["hint_user_prompt"] + ABLATION_QUESTION + (ZERO_SHOT_ABLATION if mode == "zero_shot" else "")
     return Query(None, 0, text, None, example_id("ablation", r), system=r["system_prompt"])

@@ -2,7 +2,7 @@
 
 Written to `<store>/reports/<experiment>/` (report.md and PNGs), built in a temp folder and renamed into place.
 Series: trained explainers by role (self = initialised from the target), nearest neighbour (features), the
-controls (zero_vector, no_activation) as curves over n_train; the n_train-independent baselines (SelfIE,
+controls (zero_vector, no_activation / no_layer / no_token) as curves over n_train; the n_train-independent baselines (SelfIE,
 zero-shot, majority, position bias, gold) as flat lines. Values are x100; ± is one SE (the run's own SE for a
 single seed, the SE over seeds otherwise). An ordering "held" when the difference exceeds twice its SE.
 """
@@ -33,7 +33,15 @@ METRICS = {
 }  # fmt: skip
 TASK_TITLES = {"features": "Task A: feature descriptions", "patching": "Task B: activation patching",
                "ablation": "Task C: input ablation"}  # fmt: skip
-CURVES = ("trained", "nearest_neighbor", "nearest_neighbor_layerwise", "zero_vector", "no_activation")
+CURVES = (
+    "trained",
+    "nearest_neighbor",
+    "nearest_neighbor_layerwise",
+    "zero_vector",
+    "no_activation",
+    "no_layer",
+    "no_token",
+)
 # PAPER.md §6, x100: Table 1 (Llama-3.1-8B target), Table 5 and 6 (Llama-3.1-8B(-Instruct) target).
 PAPER = {
     ("features", "simulator_corr", "test"): {"self (Llama-3.1-8B, LoRA)": 45.6, "other (Qwen3-8B)": 40.6,
@@ -91,6 +99,8 @@ def series_name(method: str, model: str, target: str) -> str:
         "trained": role,
         "zero_vector": f"{role}, v = 0",
         "no_activation": f"{role}, - activation",
+        "no_layer": f"{role}, - layer",
+        "no_token": f"{role}, - token",
         "zero_shot": f"{role} untrained, zero-shot",
         "nearest_neighbor": "nearest neighbour",
         "nearest_neighbor_layerwise": "nearest neighbour (same layer)",
@@ -184,9 +194,13 @@ def orderings(table: dict[tuple, dict[str, dict[int, tuple[float, float]]]], tas
             continue
         n_max = max(series["self"])
         mine = series["self"][n_max]
-        rivals = [s for s in series if s.startswith("other (") and not s.endswith(("v = 0", "zero-shot", "activation"))]
+        rivals = [
+            s
+            for s in series
+            if s.startswith("other (") and not s.endswith(("v = 0", "zero-shot", "activation", "layer", "token"))
+        ]
         rivals += [s for s in series if not s.startswith(("self", "other")) and s != "gold labels"]
-        rivals += ["self, v = 0", "self, - activation", "self untrained, zero-shot"]
+        rivals += ["self, v = 0", "self, - activation", "self, - layer", "self, - token", "self untrained, zero-shot"]
         for rival in rivals:
             if rival not in series:
                 continue

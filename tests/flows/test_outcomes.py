@@ -39,7 +39,7 @@ def tiny_ablation_recipe(home) -> AblationRecipe:
         target=ModelConfig(name="tiny-llama", **TINY),
         ablation={"n_questions": 30, "batch_size": 8},
         explainers=tiny_explainers(),
-        eval={"n_train": 16, "n_test": 8, "no_activation_roles": [], "max_prompt_tokens": 4000},
+        eval={"n_train": 16, "n_test": 8, "prompt_ablations": [], "max_prompt_tokens": 4000},
     )
 
 

@@ -29,6 +29,6 @@ def test_bad_grid_and_task_sections_are_named():
     with pytest.raises(ValueError, match="n_train"):
         ExperimentRecipe(grid={"n_train": [0, 8]})
     recipe = ExperimentRecipe(target=ModelConfig(name="tiny-llama"), tasks=["patching"],
-                              patching={"eval": {"no_activation_roles": ["ghost"]}})  # fmt: skip
-    with pytest.raises(UserInputError, match=r"^patching\.eval\.no_activation_roles: \['ghost'\]"):
+                              patching={"eval": {"ablation_roles": ["ghost"]}})  # fmt: skip
+    with pytest.raises(UserInputError, match=r"^patching\.eval\.ablation_roles: \['ghost'\]"):
         check_recipe(recipe)

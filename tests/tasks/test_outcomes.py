@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tasks.explainer import SPAN
-from tasks.outcomes import item_exact_match, parse, queries, score, target
+from tasks.outcomes import DROP, PATCHING_TEMPLATES, item_exact_match, parse, queries, score, target
 
 
 @pytest.mark.parametrize(
@@ -50,8 +50,9 @@ ABLATION_ROW = {"question_id": 4, "index": 9, "hint_user_prompt": "Question: q\n
 
 
 def test_query_modes_ask_the_same_question_with_and_without_v():
-    trained, zero, none, zshot = (queries("patching", [PATCH_ROW] * 3, m, seed=1, with_answer=True)[2]
-                                  for m in ("trained", "zero_vector", "no_activation", "zero_shot"))  # fmt: skip
+    trained, zero, none, zshot, no_layer, no_token = (
+        queries("patching", [PATCH_ROW] * 3, m, seed=1, with_answer=True)[2]
+        for m in ("trained", "zero_vector", "no_activation", "zero_shot", "no_layer", "no_token"))  # fmt: skip
     assert trained.text == zero.text and SPAN in trained.text and "<<<The capital of France is>>>" in trained.text
     assert "layer 2, 3" in trained.text and "< Paris>" in trained.text and trained.layer == 2
     np.testing.assert_array_equal(trained.vector, [1.0, -2.0, 0.5])
@@ -59,6 +60,11 @@ def test_query_modes_ask_the_same_question_with_and_without_v():
     assert none.vector is None and SPAN not in none.text and "feature at" in none.text
     assert zshot.text.startswith(f"If feature {SPAN} at layer 2, 3 is inserted into token < Paris>")
     assert trained.answer == "The most likely output would change to <<< Rome>>>." == zshot.answer
+    assert "layer" not in no_layer.text and "< Paris>" in no_layer.text and SPAN in no_layer.text
+    assert "Paris" not in no_token.text and "layer 2, 3" in no_token.text and "  " not in no_token.text
+    for template in PATCHING_TEMPLATES:  # every template loses exactly its layer / token phrase
+        assert "{layer}" not in DROP["no_layer"].sub("", template) and "{tokens}" in DROP["no_layer"].sub("", template)
+        assert "{tokens}" not in DROP["no_token"].sub("", template) and "{layer}" in DROP["no_token"].sub("", template)
     (q,) = queries("ablation", [ABLATION_ROW], "trained", seed=0, with_answer=True)
     assert q.vector is None and q.system == "sys" and q.text.endswith("how would the assistant answer change?")
     assert q.answer == "The output would remain unchanged from <<<Answer: C>>>."
