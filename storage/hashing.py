@@ -8,10 +8,24 @@ from pydantic import BaseModel
 
 
 def canonical_json(obj: Any) -> str:
-    """Deterministic JSON: sorted keys, no whitespace; pydantic models are dumped in JSON mode first."""
+    """Deterministic JSON: sorted keys, no whitespace; pydantic models (at any depth) become their fields,
+    less those marked `json_schema_extra={"affects_results": False}` (resource knobs such as a GPU memory
+    cap): changing one of those must not move a result to a new cache key."""
+    return json.dumps(_hashable(obj), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _hashable(obj: Any) -> Any:
     if isinstance(obj, BaseModel):
-        obj = obj.model_dump(mode="json")
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+        fields = type(obj).model_fields
+        dumped = obj.model_dump(mode="json")
+        return {name: _hashable(getattr(obj, name)) if isinstance(getattr(obj, name), BaseModel | dict | list)
+                else dumped[name] for name, f in fields.items()
+                if not (isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("affects_results") is False)}  # fmt: skip
+    if isinstance(obj, dict):
+        return {k: _hashable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_hashable(v) for v in obj]
+    return obj
 
 
 def config_hash(stage: str, stage_version: int, config: Any, length: int = 16) -> str:

@@ -37,7 +37,11 @@ class ModelConfig(StrictModel):
     )
     seed: int = Field(0, description="Seed of the random initialisation (tiny-* test models only).")
     memory_fraction: float | None = Field(
-        None, gt=0, le=1, description="cuda only: cap this process's share of GPU memory (null: no cap)."
+        None,
+        gt=0,
+        le=1,
+        description="cuda only: cap this process's share of GPU memory (null: no cap). Not part of cache keys.",
+        json_schema_extra={"affects_results": False},
     )
 
 

@@ -39,7 +39,7 @@ from tasks.patching import patching_key
 from tasks.results import Metric, Prediction, record_run, recorded
 
 STAGE_VERSION = 1  # explainer checkpoints
-EVAL_VERSION = 1  # evaluation only: bumping it re-scores without retraining
+EVAL_VERSION = 2  # evaluation only: bumping it re-scores without retraining (2: outputs keep their ">>>.")
 OutcomeRecipe = PatchingRecipe | AblationRecipe
 
 

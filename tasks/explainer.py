@@ -38,6 +38,7 @@ from tasks.config import ExplainerConfig
 SPAN_TOKENS = ("<|sx_begin|>", "<|sx_payload|>", "<|sx_end|>")
 SPAN = "".join(SPAN_TOKENS)
 STOP_STRINGS = (" [END]", "\n", ">>>.")
+KEPT_STOP_STRINGS = (">>>.",)  # ends an outcome sentence ("... <<<X>>>."): part of the answer, kept
 CHAT_SYSTEM_PROMPT = "You are a helpful assistant that explains the internal features of language models."
 
 # PAPER.md §3.2: base templates, each ending in exactly one space; {feature} is the span, {layer} an integer.
@@ -397,9 +398,9 @@ def _stopped(text: str) -> bool:
 
 
 def _cut(text: str) -> str:
-    """The explanation up to the first stop string."""
-    cut = min([text.find(s) for s in STOP_STRINGS if s in text] or [len(text)])
-    return text[:cut].strip()
+    """The explanation up to the first stop string (through it, for the kept ones)."""
+    ends = [text.find(s) + (len(s) if s in KEPT_STOP_STRINGS else 0) for s in STOP_STRINGS if s in text]
+    return text[: min(ends or [len(text)])].strip()
 
 
 @dataclass

@@ -138,3 +138,15 @@ def test_the_dataset_lock_serialises_writers(home):
     for t in threads:
         t.join()
     assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+
+
+def test_config_hash_walks_nested_models_and_skips_resource_knobs():
+    from tasks.config import ExplainerConfig, ModelConfig
+
+    a = {"cfg": ExplainerConfig(model=ModelConfig(name="m"))}
+    b = {"cfg": ExplainerConfig(model=ModelConfig(name="m", memory_fraction=0.5))}  # affects_results=False
+    c = {"cfg": ExplainerConfig(model=ModelConfig(name="m", dtype="float16"))}
+    assert config_hash("s", 1, a) == config_hash("s", 1, b) != config_hash("s", 1, c)
+    assert config_hash("s", 1, a) == config_hash(
+        "s", 1, {"cfg": a["cfg"].model_dump(exclude={"model": {"memory_fraction"}})}
+    )

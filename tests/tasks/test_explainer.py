@@ -191,3 +191,16 @@ def test_training_killed_mid_epoch_resumes_from_its_last_epoch_to_the_same_weigh
     assert result.train_loss == pytest.approx(ref.train_loss, rel=1e-6) and result.steps == ref.steps
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize(
+    "raw, cut",
+    [("The output would remain unchanged from <<<Answer: C>>>. And more", "The output would remain unchanged from <<<Answer: C>>>."),
+     ('the tokens "def" and "class" [END] junk', 'the tokens "def" and "class"'),
+     ("first line\nsecond", "first line"),
+     ("  no stop at all ", "no stop at all")],
+)  # fmt: skip
+def test_decoded_text_is_cut_at_stop_strings_keeping_an_outcome_sentence_whole(raw, cut):
+    from tasks.explainer import _cut
+
+    assert _cut(raw) == cut
