@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 
 from storage.errors import UserInputError
-from storage.store import Dataset, complete_datasets
+from storage.store import Dataset, complete_datasets, sweep_stale_temps
 
 CATALOG_FILE = "catalog.duckdb"
 
@@ -46,6 +46,7 @@ def refresh_catalog(root: Path) -> Path:
             by_table.setdefault(ds.table, []).append(ds)
     final = catalog_path(root)
     root.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(root)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     con = duckdb.connect(str(tmp))

@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -56,6 +57,25 @@ def store_id(root: Path) -> str:
         finally:
             tmp.unlink()
     return json.loads(path.read_text())["store_id"]
+
+
+def sweep_stale_temps(folder: Path) -> None:
+    """Remove `.<name>.tmp-<pid>` files and folders in `folder` whose writing process is gone (killed runs)."""
+    for stale in folder.glob(".*.tmp-*"):
+        pid = stale.name.rsplit(".tmp-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -125,8 +145,11 @@ class Dataset:
         return self.path / f"part-{index:05d}.parquet"
 
     def create(self, info: dict[str, Any]) -> None:
-        """Make the directory and record what produces it. Idempotent."""
+        """Make the directory and record what produces it; sweep temp files a killed writer left. Idempotent.
+        (Writers hold the dataset's lock, so no live writer owns a temp file here.)"""
         self.manifest_dir.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temps(self.path)
+        sweep_stale_temps(self.manifest_dir)
         if not (self.path / "_dataset.json").exists():
             atomic_write_json(self.path / "_dataset.json", {"table": self.table, "key": self.key, **info})
 

@@ -17,6 +17,7 @@ generation prefix equals the training prefix token for token.
 """
 
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -500,7 +501,7 @@ def train(
 def _save_train_state(path: Path, explainer: Explainer, opt: torch.optim.Optimizer, rng: random.Random,
                       log: dict[str, Any]) -> None:  # fmt: skip
     weights = {k: v.detach().clone() for k, v in explainer.state_dict().items() if _trainable(explainer, k)}
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save({"weights": weights, "optimizer": opt.state_dict(), "rng": rng.getstate(),
                 "torch_rng": torch.get_rng_state(), "log": log}, tmp)  # fmt: skip
     tmp.replace(path)

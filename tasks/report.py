@@ -21,7 +21,7 @@ import prefect
 import pyarrow as pa
 
 from storage.errors import UserInputError
-from storage.store import Dataset, complete_datasets
+from storage.store import Dataset, complete_datasets, sweep_stale_temps
 from tasks.orchestration import RETRIES, retry_transient
 
 # (task, metric, split) reported, in order; the first of each task is its headline metric.
@@ -219,6 +219,8 @@ def write_report(root: Path, experiment: str) -> Path:
     rows, recipe = load_results(root, experiment)
     table = aggregate(rows)
     final = root / "reports" / experiment
+    (root / "reports").mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(root / "reports")
     tmp = final.with_name(f".{experiment}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -150,3 +150,12 @@ def test_config_hash_walks_nested_models_and_skips_resource_knobs():
     assert config_hash("s", 1, a) == config_hash(
         "s", 1, {"cfg": a["cfg"].model_dump(exclude={"model": {"memory_fraction"}})}
     )
+
+
+def test_create_sweeps_temp_files_of_a_killed_writer(home):
+    ds = Dataset(home, "acts", "k")
+    ds.create({})
+    (ds.path / ".part-00003.parquet.tmp-999999").write_bytes(b"half a shard")
+    (ds.manifest_dir / ".part-00003.json.tmp-999999").write_text("{")
+    ds.create({})
+    assert not list(ds.path.rglob(".*tmp*"))
