@@ -106,13 +106,8 @@ def test_deployments_forms_schedule_and_parameter_validation(served):
     )
     nightly = deps["nightly-data-efficiency"]
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
-    assert nightly["concurrency_limit"] == 1 and nightly["parameters"]["recipe"]["grid"]["n_train"] == [
-        32,
-        64,
-        128,
-        256,
-        512,
-    ]
+    assert nightly["global_concurrency_limit"]["limit"] == 1
+    assert nightly["parameters"]["recipe"]["grid"]["n_train"] == [32, 64, 128, 256, 512]
     # the form: the parameter schema carries every field's description
     schema = nightly["parameter_openapi_schema"]
     assert "recipe" in schema["properties"] and "GridConfig" in str(schema)
