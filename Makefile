@@ -50,6 +50,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/activations.py $(BENCH_ARGS)
 	$(PY) bench/decoding.py $(BENCH_ARGS)
+	$(PY) bench/finetune.py $(BENCH_ARGS)
 	$(PY) bench/sweep.py $(BENCH_ARGS)
 	$(PY) bench/sql_exemplars.py $(BENCH_ARGS)
 
