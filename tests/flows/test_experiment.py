@@ -37,8 +37,8 @@ def test_experiment_grid_rows_rerun_and_report(tmp_path, text_file):
         (task, model, 2) for task in ("ablation", "features", "patching") for model in ("tiny-gemma3", "tiny-llama")
     ]
     # n_train and seed are filled; flat baselines come from one cell per task
-    flat = con.execute("select task, method, count(distinct run_id) from metrics join experiment_cells using (run_id) "
-                       "where method in ('selfie', 'zero_shot') group by all order by all").fetchall()  # fmt: skip
+    flat = con.execute("select c.task, method, count(distinct run_id) from metrics join experiment_cells c "
+                       "using (run_id) where method in ('selfie', 'zero_shot') group by all order by all").fetchall()  # fmt: skip
     assert flat == [("ablation", "zero_shot", 1), ("features", "selfie", 1), ("patching", "zero_shot", 1)]
     trained_n = con.execute(
         "select distinct n_train from metrics where method = 'trained' and task = 'features'"
