@@ -141,3 +141,17 @@ def test_two_runs_writing_the_same_dataset_at_once_leave_one_complete_copy(tmp_p
     (dataset,) = [d for d in shared.iterdir() if d.is_dir()]
     assert len(list(dataset.glob("part-*.parquet"))) == len(list((dataset / "_manifest").glob("*.json"))) == 8
     assert not list(dataset.glob(".*tmp*"))
+
+
+def test_a_permanent_fault_fails_the_run_by_name_and_no_partial_table_is_visible(recipe_factory, monkeypatch):
+    from storage.catalog import refresh_catalog
+    from tasks.orchestration import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "cache-residual-stream:permanent")
+    recipe = recipe_factory()
+    with pytest.raises(RuntimeError, match="injected permanent fault in task 'cache-residual-stream'"):
+        cache_activations(recipe)
+    refresh_catalog(Path(recipe.home))
+    with connect_read_only(Path(recipe.home)) as con:
+        views = {r[0] for r in con.execute("select table_name from information_schema.tables").fetchall()}
+    assert "tokens" in views and "activations" not in views
