@@ -155,3 +155,19 @@ def test_a_permanent_fault_fails_the_run_by_name_and_no_partial_table_is_visible
     with connect_read_only(Path(recipe.home)) as con:
         views = {r[0] for r in con.execute("select table_name from information_schema.tables").fetchall()}
     assert "tokens" in views and "activations" not in views
+
+
+def test_a_damaged_shard_is_recomputed_on_the_next_run_not_served(recipe_factory):
+    recipe = recipe_factory()
+    cache_activations(recipe)
+    query = "select layer, context_id, position, activation from activations order by all"
+    with connect_read_only(Path(recipe.home)) as con:
+        before = con.execute(query).fetchnumpy()
+    (shard,) = list(Path(recipe.home).glob("tables/activations/*/part-00001.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated behind the store's back
+    untouched = {p: p.stat().st_mtime_ns for p in shard.parent.glob("part-*.parquet") if p != shard}
+    cache_activations(recipe)  # detects it, rewrites that shard only
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
+    with connect_read_only(Path(recipe.home)) as con:
+        after = con.execute(query).fetchnumpy()
+    np.testing.assert_array_equal(np.stack(after["activation"]), np.stack(before["activation"]))
