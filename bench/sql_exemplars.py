@@ -21,18 +21,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from storage.store import write_parquet  # noqa: E402
-
-QUERY = """
-with per_context as (
-    select layer, feature_id, context_id, max(value) as max_value, arg_max(position, value) as max_position
-    from read_parquet({files}) group by all
-)
-select layer, feature_id, context_id, max_value, max_position,
-       row_number() over (partition by layer, feature_id order by max_value desc, context_id) as rank
-from per_context
-qualify rank <= 20
-order by layer, feature_id, rank
-"""
+from tasks.sae import exemplars_sql  # noqa: E402
 
 
 def synthetic(rows: int, folder: Path, seed: int = 0) -> list[str]:
@@ -80,7 +69,7 @@ def main() -> None:
             times = []
             for _ in range(3):
                 t = time.perf_counter()
-                result = duckdb.connect().execute(QUERY.format(files=files)).fetchnumpy()
+                result = duckdb.connect().execute(exemplars_sql(files, 20)).fetchnumpy()
                 times.append(time.perf_counter() - t)
             label = f"{rows // 1_000_000}m"
             print(f"{rows:,} rows: {len(result['rank']):,} exemplar rows, median {statistics.median(times):.2f} s")

@@ -17,9 +17,9 @@ from storage.store import Dataset, store_root
 from tasks import models
 from tasks.config import AblationConfig, AblationRecipe
 from tasks.facts import Question, load_questions
-from tasks.importers import check_import, import_input_ablation, import_key, write_imported
+from tasks.importers import ground_truth_key, import_input_ablation, imported_or
 from tasks.models import LoadedModel
-from tasks.orchestration import complete_or, stage_task
+from tasks.orchestration import stage_task
 
 STAGE = "ablation_gt"
 STAGE_VERSION = 1
@@ -118,13 +118,7 @@ def write_ablation_gt(lm: LoadedModel, cfg: AblationConfig, out: Dataset) -> dic
 
 
 def ablation_key(recipe: AblationRecipe) -> str:
-    cfg = recipe.ablation
-    if check_import(cfg.import_train, cfg.import_test, "ablation"):
-        return import_key(STAGE, cfg.import_train, cfg.import_test)
-    # What is swept depends on the rest of the config; the import paths play no part in it.
-    return models.target_key(
-        STAGE, STAGE_VERSION, recipe.target, cfg.model_dump(exclude={"import_train", "import_test"})
-    )
+    return ground_truth_key(STAGE, STAGE_VERSION, recipe.target, recipe.ablation, "ablation")
 
 
 @stage_task(
@@ -135,9 +129,9 @@ def ablation_key(recipe: AblationRecipe) -> str:
 def ablation_ground_truth(recipe: AblationRecipe) -> dict[str, Any]:
     """Ask every question with and without the hint and write `ablation_gt`."""
     out = Dataset(store_root(recipe.home), STAGE, ablation_key(recipe))
-    cfg = recipe.ablation
-    if cfg.import_train and cfg.import_test:
-        return complete_or(out, lambda: write_imported(
-            out, import_input_ablation(cfg.import_train, "train") + import_input_ablation(cfg.import_test, "test"),
-            {"train": cfg.import_train, "test": cfg.import_test}))  # fmt: skip
-    return complete_or(out, lambda: write_ablation_gt(models.load(recipe.target), cfg, out))
+    return imported_or(
+        out,
+        recipe.ablation,
+        import_input_ablation,
+        lambda: write_ablation_gt(models.load(recipe.target), recipe.ablation, out),
+    )

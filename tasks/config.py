@@ -307,29 +307,28 @@ class FeaturesRecipe(StrictModel):
         return CacheRecipe(home=self.home, model=self.target, corpus=self.corpus, cache=self.cache)
 
 
-class PatchingRecipe(StrictModel):
-    """Recipe of the patching flow: activation-patching ground truth, explainers, baselines, evaluation."""
+class _OutcomeRecipe(StrictModel):
+    """What the patching and ablation recipes share: store, target, explainers."""
 
     home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
     target: ModelConfig = Field(default_factory=ModelConfig, description="The frozen target model.")
-    patching: PatchingConfig = Field(default_factory=PatchingConfig, description="Pairs, chunks, sweep, balance.")
     explainers: dict[str, ExplainerConfig] = Field(
         default_factory=_outcome_explainers,
         description="Trained explainers by role; 'self' should start from the target's weights.",
     )
+
+
+class PatchingRecipe(_OutcomeRecipe):
+    """Recipe of the patching flow: activation-patching ground truth, explainers, baselines, evaluation."""
+
+    patching: PatchingConfig = Field(default_factory=PatchingConfig, description="Pairs, chunks, sweep, balance.")
     eval: OutcomeEvalConfig = Field(default_factory=OutcomeEvalConfig, description="Training caps and baselines.")
 
 
-class AblationRecipe(StrictModel):
+class AblationRecipe(_OutcomeRecipe):
     """Recipe of the ablation flow: hint-removal ground truth, explainers, baselines, evaluation."""
 
-    home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
-    target: ModelConfig = Field(default_factory=ModelConfig, description="The frozen target model.")
     ablation: AblationConfig = Field(default_factory=AblationConfig, description="Questions and hint.")
-    explainers: dict[str, ExplainerConfig] = Field(
-        default_factory=_outcome_explainers,
-        description="Trained explainers by role; 'self' should start from the target's weights.",
-    )
     eval: OutcomeEvalConfig = Field(
         default_factory=lambda: OutcomeEvalConfig(prompt_ablations=[]),
         description="Training caps and baselines.",

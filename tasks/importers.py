@@ -11,6 +11,7 @@ hint_prompt_full, changed_pred_bc_hint (null in about a quarter of rows: derived
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,31 @@ def check_import(train: str | None, test: str | None, field: str) -> bool:
 def import_key(stage: str, train: str, test: str) -> str:
     """Dataset key of an imported ground truth: the content of both splits, not their paths."""
     return config_hash(f"{stage}-import", IMPORT_VERSION, {"train": _digest(train), "test": _digest(test)})
+
+
+def ground_truth_key(stage: str, version: int, target: Any, cfg: Any, field: str) -> str:
+    """Key of a ground-truth dataset that is either imported (the files' content) or built from the target
+    (its weights and the config; the import paths play no part in what is built)."""
+    if check_import(cfg.import_train, cfg.import_test, field):
+        return import_key(stage, cfg.import_train, cfg.import_test)
+    from tasks.models import target_key
+
+    return target_key(stage, version, target, cfg.model_dump(exclude={"import_train", "import_test"}))
+
+
+def imported_or(
+    out: Dataset, cfg: Any, importer: Callable[[str, str], list[dict[str, Any]]], build: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """`out`'s summary: as a previous run left it, or after importing both splits, or after `build()`."""
+    from tasks.orchestration import complete_or
+
+    def make() -> dict[str, Any]:
+        if not (cfg.import_train and cfg.import_test):
+            return build()
+        rows = importer(cfg.import_train, "train") + importer(cfg.import_test, "test")
+        return write_imported(out, rows, {"train": cfg.import_train, "test": cfg.import_test})
+
+    return complete_or(out, make)
 
 
 def write_imported(out: Dataset, rows: list[dict[str, Any]], source: dict[str, str]) -> dict[str, Any]:

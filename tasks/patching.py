@@ -26,9 +26,9 @@ from storage.store import Dataset, store_root
 from tasks import models
 from tasks.config import PatchingConfig, PatchingRecipe
 from tasks.facts import Fact, load_facts
-from tasks.importers import check_import, import_act_patch, import_key, write_imported
+from tasks.importers import ground_truth_key, import_act_patch, imported_or
 from tasks.models import LoadedModel, decoder_layers
-from tasks.orchestration import complete_or, progress_reporter, stage_task
+from tasks.orchestration import progress_reporter, stage_task
 
 STAGE = "patching_gt"
 STAGE_VERSION = 1
@@ -331,13 +331,7 @@ def _to_table(rows: list[dict], d: int) -> pa.Table:
 
 
 def patching_key(recipe: PatchingRecipe) -> str:
-    cfg = recipe.patching
-    if check_import(cfg.import_train, cfg.import_test, "patching"):
-        return import_key(STAGE, cfg.import_train, cfg.import_test)
-    # What is swept depends on the rest of the config; the import paths play no part in it.
-    return models.target_key(
-        STAGE, STAGE_VERSION, recipe.target, cfg.model_dump(exclude={"import_train", "import_test"})
-    )
+    return ground_truth_key(STAGE, STAGE_VERSION, recipe.target, recipe.patching, "patching")
 
 
 @stage_task(
@@ -348,10 +342,9 @@ def patching_key(recipe: PatchingRecipe) -> str:
 def patching_ground_truth(recipe: PatchingRecipe) -> dict[str, Any]:
     """Sweep the counterfactual pairs and write the balanced `patching_gt` table."""
     out = Dataset(store_root(recipe.home), STAGE, patching_key(recipe))
-    cfg = recipe.patching
-    if cfg.import_train and cfg.import_test:
-        return complete_or(out, lambda: write_imported(
-            out, import_act_patch(cfg.import_train, "train") + import_act_patch(cfg.import_test, "test"),
-            {"train": cfg.import_train, "test": cfg.import_test}))  # fmt: skip
-    progress = progress_reporter("patching-sweep", "activation-patching sweep")
-    return complete_or(out, lambda: write_patching_gt(models.load(recipe.target), cfg, out, progress))
+
+    def sweep() -> dict[str, Any]:
+        progress = progress_reporter("patching-sweep", "activation-patching sweep")
+        return write_patching_gt(models.load(recipe.target), recipe.patching, out, progress)
+
+    return imported_or(out, recipe.patching, import_act_patch, sweep)

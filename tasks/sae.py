@@ -183,15 +183,9 @@ def write_sae_layer(
     return {**metrics, "tokens": float(len(x)), "d_sae": float(d_sae)}
 
 
-def write_exemplars(root: Path, key: str, n_exemplars: int) -> int:
-    """Table `exemplars`: per feature, the top contexts by max activation (DuckDB over the sparse table)."""
-    fa = Dataset(root, "feature_activations", key)
-    files = [str(p) for p in fa.shard_files()]
-    out = Dataset(root, "exemplars", key)
-    out.create({"stage": STAGE, "version": STAGE_VERSION})
-    con = duckdb.connect()
-    table = con.execute(
-        f"""
+def exemplars_sql(files: list[str], n_exemplars: int) -> str:
+    """Per (layer, feature): the top contexts by max activation, with the position of that max."""
+    return f"""
         with per_context as (
             select layer, feature_id, context_id, max(value) as max_value, arg_max(position, value) as max_position
             from read_parquet({files}) group by all
@@ -202,7 +196,15 @@ def write_exemplars(root: Path, key: str, n_exemplars: int) -> int:
         qualify rank <= {int(n_exemplars)}
         order by layer, feature_id, rank
         """
-    ).to_arrow_table()
+
+
+def write_exemplars(root: Path, key: str, n_exemplars: int) -> int:
+    """Table `exemplars`: per feature, the top contexts by max activation (DuckDB over the sparse table)."""
+    fa = Dataset(root, "feature_activations", key)
+    files = [str(p) for p in fa.shard_files()]
+    out = Dataset(root, "exemplars", key)
+    out.create({"stage": STAGE, "version": STAGE_VERSION})
+    table = duckdb.connect().execute(exemplars_sql(files, n_exemplars)).to_arrow_table()
     out.write_shard(0, table)
     out.mark_complete({"rows": table.num_rows})
     return table.num_rows
