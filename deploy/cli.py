@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     VALIDATORS[args.flow](recipe)
     from tasks.orchestration import ensure_gpu_limit
 
-    ensure_gpu_limit()  # the `gpu` slot the model-holding tasks take (kept if it already exists)
+    ensure_gpu_limit()  # on a Prefect server: the `gpu` limit the model-holding tasks take (kept if it exists)
     result = FLOWS[args.flow](recipe)
     print(
         json.dumps({"flow": args.flow, "home": str(store_root(recipe.home)), **_brief(result)}, indent=1, default=str)

@@ -111,6 +111,19 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive `flock` on `path` (created if missing): blocks while another process holds it; the kernel
+    releases it when the holder exits or dies, so a killed process never leaves it stale."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @dataclass(frozen=True)
 class Dataset:
     """One stage output: ``tables/<table>/<key>`` under the store root."""
@@ -132,14 +145,8 @@ class Dataset:
         """An exclusive lock on this dataset (flock on `<key>.lock` beside it), held while a stage writes it:
         a second writer of the same key blocks, then finds the dataset complete. Released when the holder
         exits or dies, so a killed run never leaves a stale lock."""
-        path = self.path.with_name(f"{self.key}.lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with file_lock(self.path.with_name(f"{self.key}.lock")):
+            yield
 
     def shard_path(self, index: int) -> Path:
         return self.path / f"part-{index:05d}.parquet"

@@ -9,10 +9,13 @@ manifest lists: the first rerun after a completion runs the stage function, whic
 model; later reruns are `Cached`.
 """
 
+import contextlib
 import functools
 import inspect
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prefect import Task, task
@@ -22,10 +25,11 @@ from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from storage.errors import TransientError, is_transient
-from storage.store import Dataset, store_id
+from storage.store import Dataset, file_lock, store_id
 
 RETRIES = 3
 GPU_SLOT = "gpu"  # global concurrency limit held by every task that keeps a model on the accelerator
+GPU_LEASE_S = 60  # the shortest lease Prefect's API grants: a crashed holder's slot returns within about this
 
 
 def retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -87,19 +91,58 @@ def _holding_output_lock(fn: Callable, output: Callable[[dict[str, Any]], Datase
 def _holding_gpu_slot(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from prefect.concurrency.sync import concurrency
-
-        with concurrency(GPU_SLOT, occupy=1, strict=False):
+        with gpu_slot():
             return fn(*args, **kwargs)
 
     return run
 
 
-def ensure_gpu_limit(slots: int = 1) -> None:
-    """Create (or resize) the global concurrency limit `gpu` on the current Prefect API."""
-    from prefect.client.orchestration import get_client
+@contextlib.contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Hold one accelerator slot while the body runs.
 
+    With a Prefect server (PREFECT_API_URL set): a slot of the global concurrency limit `gpu`, visible in the
+    UI, on a lease the client renews while the task runs; if the holder dies, the server's repossessor
+    reclaims the slot once the lease lapses (GPU_LEASE_S). Without one (`selfexplain run` on Prefect's
+    ephemeral API) nothing would ever reclaim a dead holder's slot — the ephemeral API runs no repossessor and
+    keeps leases in memory — so a killed run would block every later run forever; there the slot is an
+    exclusive file lock (machine-wide, `local_gpu_lock_path()`), which the kernel releases with its holder.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        from prefect.concurrency.sync import concurrency
+
+        with concurrency(GPU_SLOT, occupy=1, strict=False, lease_duration=GPU_LEASE_S):
+            yield
+    else:
+        with file_lock(local_gpu_lock_path()):
+            yield
+
+
+def local_gpu_lock_path() -> Path:
+    """The file lock of the accelerator for runs without a Prefect server: $SELFEXPLAIN_GPU_LOCK, else one
+    per user in the temp directory (so every store and Prefect home on the machine shares it)."""
+    default = Path(tempfile.gettempdir()) / f"selfexplain-gpu-{os.getuid()}.lock"
+    return Path(os.environ.get("SELFEXPLAIN_GPU_LOCK", default))
+
+
+def ensure_gpu_limit(slots: int | None = None) -> None:
+    """On a Prefect server: create the global concurrency limit `gpu` (1 slot) if missing, or set it to
+    `slots` when given. Without a server the slot is a file lock and there is nothing to create."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return
     with get_client(sync_client=True) as client:
+        if slots is None:
+            try:
+                client.read_global_concurrency_limit_by_name(GPU_SLOT)
+                return
+            except ObjectNotFound:
+                slots = 1
         client.upsert_global_concurrency_limit_by_name(GPU_SLOT, slots)
 
 
@@ -129,8 +172,6 @@ def _with_fault_injection(name: str, fn: Callable) -> Callable:
 @task(name="refresh-catalog", retries=RETRIES, retry_delay_seconds=[1, 4, 16], retry_condition_fn=retry_transient)
 def refresh_catalog_task(home: str) -> str:
     """Rebuild the DuckDB catalog so the new tables are queryable."""
-    from pathlib import Path
-
     from storage.catalog import refresh_catalog
 
     return str(refresh_catalog(Path(home)))

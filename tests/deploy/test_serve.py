@@ -46,7 +46,8 @@ def served(tmp_path_factory):
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
-           "PREFECT_LOGGING_LEVEL": "WARNING"}  # fmt: skip
+           "PREFECT_LOGGING_LEVEL": "WARNING",
+           "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}  # fmt: skip
     logs = tmp / "logs"
     logs.mkdir()
     server = subprocess.Popen(
@@ -132,6 +133,8 @@ def test_a_run_triggered_like_the_ui_completes_with_artifacts_and_metrics(served
         and "Task C: input ablation" in by_key["experiment-report"]["data"]
     )
     assert any(a["type"] == "progress" for a in artifacts)
+    gpu = httpx.get(f"{api}/v2/concurrency_limits/gpu", timeout=10).json()
+    assert (gpu["limit"], gpu["active_slots"]) == (1, 0)  # the accelerator slot exists and was given back
     with connect_read_only(store) as con:
         rows = con.execute("select count(distinct n_train) from metrics where method = 'trained'").fetchone()
     assert rows == (2,)

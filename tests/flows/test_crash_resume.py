@@ -1,4 +1,4 @@
-"""Crash-resume for every flow: SIGKILL a run at several random points, rerun to completion, and compare every
+"""Crash-resume for every flow: SIGKILL a run at several random progress points, rerun to completion, and compare every
 Parquet table with an uninterrupted run of the same recipe (same rows, same values).
 
 The unit of resume is a shard (caches, sweeps) or a stage (SAE layers, explainer training, evaluation): a
@@ -54,35 +54,46 @@ def _cli(args: list[str], env: dict) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
 
 
+def _events(root: Path) -> list[Path]:
+    """The files a run leaves under `tables/` (shards, manifest rows, completion marks, checkpoints), oldest
+    first, relative to the store: a rerun in another store of the same recipe makes the same paths."""
+    files = [p for p in (root / "tables").rglob("*") if p.is_file() and p.suffix != ".lock" and "tmp" not in p.name
+             and p.relative_to(root / "tables").parts[0] not in VOLATILE]  # fmt: skip
+    return [p.relative_to(root) for p in sorted(files, key=lambda p: p.stat().st_mtime_ns)]
+
+
 @pytest.mark.parametrize("flow", ["cache-activations", "features", "patching", "ablation"])
 def test_killed_runs_resume_to_the_uninterrupted_tables(tmp_path, text_file, cli_env, flow):
     text_file.write_text(text_file.read_text() * 6)
     data = _recipes(tmp_path / "unused", text_file)[flow]
-    # Uninterrupted reference, in this process.
+    # Uninterrupted reference, in this process; the files it wrote, in order, are the run's progress points.
     data["home"] = str(tmp_path / "reference")
-    started = time.monotonic()
     FLOWS[flow](RECIPES[flow].model_validate(data))
-    duration = time.monotonic() - started
     reference = _tables(tmp_path / "reference")
-    assert reference
+    events = _events(tmp_path / "reference")
+    assert reference and len(events) > KILLS + 1
 
-    data["home"] = str(tmp_path / "killed")
+    # KILLS runs, each SIGKILLed (no cleanup runs) as soon as it has written a random, later progress point
+    # (never the last): every kill lands mid-run, after the previous kill's point.
+    killed = tmp_path / "killed"
+    data["home"] = str(killed)
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(data))
     args = ["run", flow, "-c", str(recipe_file)]
-    rng = random.Random(flow)
-    startup = 8.0  # interpreter, imports and the ephemeral Prefect API before any stage runs
-    for _ in range(KILLS):
+    points = sorted(random.Random(flow).sample(range(len(events) - 1), KILLS))
+    for point in points:
         proc = _cli(args, cli_env)
-        time.sleep(startup + rng.uniform(0.1, 0.9) * duration)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and not (killed / events[point]).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before reaching {events[point]}: {proc.communicate()[1][-2000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     final = _cli(args, cli_env)
     _, err = final.communicate(timeout=900)
     assert final.returncode == 0, err[-3000:]
-    resumed = _tables(tmp_path / "killed")
+    resumed = _tables(killed)
     assert sorted(resumed) == sorted(reference)
     for key, table in reference.items():
         assert resumed[key].equals(table), key
-    assert not list((tmp_path / "killed").rglob(".*tmp*"))  # no temp file left behind
+    assert not list(killed.rglob(".*tmp*"))  # no temp file left behind

@@ -54,4 +54,4 @@ def test_experiment_grid_rows_rerun_and_report(tmp_path, text_file):
     before = {ds.path: (ds.path / "_COMPLETE.json").stat().st_mtime_ns for ds in complete_datasets(tmp_path / "store")}
     again = experiment(recipe)
     after = {ds.path: (ds.path / "_COMPLETE.json").stat().st_mtime_ns for ds in complete_datasets(tmp_path / "store")}
-    assert after == before and again["experiment"]["cells"] == 12
+    assert after == before and again["experiment"]["cells"] == 3 * 2  # tasks x n_train x seeds

@@ -100,14 +100,14 @@ def test_imported_public_rows_train_and_score_unchanged(tmp_path):
                                     "counterfact_text_token": "Paris",
                                     "intervention_vector": rng.normal(size=8).tolist()}} for i in range(n)]  # fmt: skip
 
-    for split, n in (("train", 12), ("test", 4)):
+    for split, n in (("train", 24), ("test", 4)):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in act_patch(n)))
     recipe = tiny_patching_recipe(tmp_path / "store").model_copy(
         update={"patching": tiny_patching_recipe(tmp_path).patching.model_copy(
             update={"import_train": str(tmp_path / "train.jsonl"), "import_test": str(tmp_path / "test.jsonl")})}
     )  # fmt: skip
     result = patching(recipe)
-    assert result["ground_truth"]["rows"] == 16 and result["ground_truth"]["test"] == 4
+    assert result["ground_truth"]["rows"] == 28 and result["ground_truth"]["test"] == 4
     con = connect_read_only(tmp_path / "store")
     n = con.execute("select max(n) from metrics where method = 'trained' and split = 'test'").fetchone()[0]
     assert n == 4

@@ -46,10 +46,16 @@ def test_bad_files(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(RECIPE_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
-    flow = {"cache_": "cache-activations", "features_": "features", "patching_": "patching", "ablation_": "ablation"}[
-        path.name.split("smollm2")[0]
-    ]
-    assert load_recipe(RECIPES[flow], path)
+    flow = {
+        "cache": "cache-activations",
+        "features": "features",
+        "patching": "patching",
+        "ablation": "ablation",
+        "demo": "experiment",
+        "experiment": "experiment",
+    }[path.name.split("_")[0]]
+    recipe = load_recipe(RECIPES[flow], path)
+    assert isinstance(recipe, RECIPES[flow]) and "smollm2-135m-instruct" in recipe.model_dump_json()
 
 
 def test_every_config_field_is_documented():

@@ -57,7 +57,7 @@ def test_folder_of_txt_files_reads_in_sorted_order(tokenizer, tmp_path):
         ("x.csv", b"a,b", "corpus.source", "unsupported suffix"),
         ("x.txt", b"ok \xff\xfe", "corpus.source", "not UTF-8"),
         ("x.txt", b"tiny", "corpus.n_tokens", "holds only"),
-        ("e.txt", b"", "corpus.n_tokens", "holds only 0"),
+        ("e.txt", b"", "corpus.source", "holds no text"),
         ("x.jsonl", b'{"content": "a"}\n', "corpus.text_field", "has no key 'text'"),
         ("x.jsonl", b"{broken\n", "corpus.source", "is not JSON"),
     ],

@@ -80,3 +80,31 @@ def test_cache_key_exists_only_for_a_complete_dataset(home):
     ds.create({})
     ds.mark_complete({})
     assert key().startswith("keyed-k-") and key().endswith(str(ds.summary()["completed_at"]))
+
+
+def test_a_killed_holder_of_the_local_gpu_slot_frees_it_at_once(tmp_path, monkeypatch):
+    """Without a Prefect server the slot is a file lock: held, it blocks another process; its holder killed
+    mid-task (SIGKILL: no cleanup runs), the next task takes it at once instead of waiting forever."""
+    import fcntl
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    lock = tmp_path / "gpu.lock"
+    monkeypatch.setenv("SELFEXPLAIN_GPU_LOCK", str(lock))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "from tasks.orchestration import gpu_slot\nimport time\nwith gpu_slot():\n"
+         "    print('held', flush=True)\n    time.sleep(600)"],
+        env=dict(os.environ), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    with open(lock, "a") as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # busy while the holder lives
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    started = time.monotonic()
+    with orchestration.gpu_slot():
+        waited = time.monotonic() - started
+    assert waited < 5
