@@ -29,7 +29,7 @@ chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null)
 
 test: lint chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The demo: a reduced experiment (all three tasks, self vs other, three training sizes), then its headline
 # numbers and the path of its report. A rerun finds every stage done.
@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) bench/finetune.py $(BENCH_ARGS)
 	$(PY) bench/sweep.py $(BENCH_ARGS)
 	$(PY) bench/sql_exemplars.py $(BENCH_ARGS)
+	$(PY) bench/warm_rerun.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .selfexplain

@@ -11,8 +11,10 @@ alternation (A B C A B C ...), and the medians are compared:
              which SAELens wraps in HookedProxyLM). It caches one hook per run, so the figure for L layers is
              L runs. SAELens stops the forward at the hooked layer too (`stop_at_layer`).
 
-The agreement check compares our stored vectors with SAELens' for the same tokens. Ends with one line per
-figure: `RESULT <name> <value> goal <goal>`.
+The agreement check compares our stored vectors with SAELens' for the same tokens. Peak memory: the cache
+runs again in two fresh processes, on 1x and 10x the tokens; each reports its peak RSS (ru_maxrss), and the
+ratio should be flat (shards stream to disk; nothing grows with the corpus). Ends with one line per figure:
+`RESULT <name> <value> goal <goal>`.
 
     .venv/bin/python bench/activations.py [--quick]
 """
@@ -104,6 +106,35 @@ def bench_saelens(runners) -> tuple[float, list]:
     return time.perf_counter() - t0, outputs
 
 
+def rss_child(model: str, contexts: int, context_length: int, layers: list[int], batch_size: int) -> None:
+    """Tokenise and cache `contexts` contexts in this fresh process; print the peak RSS after loading the model
+    and at the end (MiB)."""
+    import resource
+
+    lm = models.load(ModelConfig(name=model))
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    root = Path(tempfile.mkdtemp(prefix="selfexplain-bench-rss-"))
+    corpus_cfg = CorpusConfig(n_tokens=contexts * context_length, context_length=context_length)
+    cache_cfg = CacheConfig(layers=layers, batch_size=batch_size, contexts_per_shard=64, skip_first=1)
+    tokens = Dataset(root, "tokens", "rss")
+    corpus.write_tokens(lm.tokenizer, corpus_cfg, tokens, cache_cfg.contexts_per_shard)
+    write_activations(lm, cache_cfg, tokens, Dataset(root, "activations", "rss"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"RSS {loaded:.0f} {peak:.0f}")
+
+
+def peak_rss(args: argparse.Namespace, contexts: int) -> tuple[float, float]:
+    """(MiB after loading the model, peak MiB) of a fresh process caching `contexts` contexts."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--rss-child", str(contexts), "--model", args.model, "--context-length",
+           str(args.context_length), "--batch-size", str(args.batch_size), "--layers", *map(str, args.layers)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    loaded, peak = next(line for line in out.splitlines() if line.startswith("RSS ")).split()[1:]
+    return float(loaded), float(peak)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -113,7 +144,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="64 contexts, 2 rounds")
+    p.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)  # internal: one RSS measurement
     args = p.parse_args()
+    if args.rss_child:
+        return rss_child(args.model, args.rss_child, args.context_length, args.layers, args.batch_size)
     if args.quick:
         args.contexts, args.rounds = 64, 2
 
@@ -160,12 +194,20 @@ def main() -> None:
     rel = float(np.abs(ours_v - theirs_v).max() / np.abs(theirs_v).max())
     print(f"agreement: max |ours - saelens| / max |saelens| = {rel:.2e} over {len(ours_v)} vectors at layer {deepest}")
 
+    del runners, sae_outputs, lm
+    rss = {scale: peak_rss(args, scale * args.contexts) for scale in (1, 10)}
+    for scale, (loaded, peak) in rss.items():
+        print(f"peak RSS caching {scale}x = {scale * n_tokens} tokens: {peak:.0f} MiB ({loaded:.0f} MiB after load)")
+    growth = (rss[10][1] - rss[10][0]) / max(rss[1][1] - rss[1][0], 1.0)
+
     print("tokens/s  " + "  ".join(f"{k} {v:.0f}" for k, v in tps.items()))
     print(f"RESULT cache_tokens_per_s {tps['cache']:.0f} goal none")
     print(f"RESULT cache_vs_forward {tps['cache'] / tps['forward']:.2f} goal 0.9")
     print(f"RESULT cache_vs_forward_to_depth {tps['cache'] / tps['depth']:.2f} goal 0.9")
     print(f"RESULT cache_vs_saelens {tps['cache'] / tps['saelens']:.2f} goal 2.0")
     print(f"RESULT agreement_rel_max_diff {rel:.2e} goal 1e-2")
+    print(f"RESULT cache_peak_rss_10x_over_1x {rss[10][1] / rss[1][1]:.2f} goal 1.1")
+    print(f"RESULT cache_rss_growth_over_load_10x_over_1x {growth:.2f} goal -")
     shutil.rmtree(root, ignore_errors=True)
 
 
