@@ -18,6 +18,9 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+RESOURCE_ONLY = {"affects_results": False}  # a field excluded from dataset hashes: it changes speed, not results
+
+
 class ModelConfig(StrictModel):
     """Which model to load, and where and how to run it."""
 
@@ -41,7 +44,7 @@ class ModelConfig(StrictModel):
         gt=0,
         le=1,
         description="cuda only: cap this process's share of GPU memory (null: no cap). Not part of cache keys.",
-        json_schema_extra={"affects_results": False},
+        json_schema_extra=RESOURCE_ONLY,
     )
 
 
@@ -353,6 +356,28 @@ class GridConfig(StrictModel):
         return sorted(set(v))
 
 
+class RunnerConfig(StrictModel):
+    """Where the experiment's grid cells run. Cells are independent (each reads the cached ground truth and
+    writes its own datasets), so they can fan out. Not part of any cache key: results do not depend on it."""
+
+    kind: Literal["local", "dask"] = Field(
+        "local",
+        description="local: cells run one after another in the flow's process. dask: each cell is a task on a "
+        "Dask cluster (prefect-dask), so cells run on several workers at once.",
+    )
+    address: str | None = Field(
+        None,
+        description="With kind dask: the scheduler of an existing Dask cluster (e.g. tcp://head:8786, one worker "
+        "per GPU machine, started with `dask worker --nthreads 1`). Null starts a local cluster.",
+    )
+    n_workers: int = Field(
+        2,
+        ge=1,
+        description="With kind dask and no address: worker processes of the local cluster (one thread each). "
+        "Model-holding tasks on one machine still take its single `gpu` slot one at a time.",
+    )
+
+
 class ExperimentRecipe(StrictModel):
     """Recipe of the experiment flow: the self-vs-other matrix and data-efficiency curves over the three tasks.
     Each task section is that task's own recipe; its `home` and `target` are replaced by the experiment's."""
@@ -363,6 +388,11 @@ class ExperimentRecipe(StrictModel):
         ["features", "patching", "ablation"], min_length=1, description="Tasks in the grid."
     )
     grid: GridConfig = Field(default_factory=GridConfig, description="Training sizes and seeds.")
+    runner: RunnerConfig = Field(
+        default_factory=RunnerConfig,
+        description="Where the grid cells run (in process, or fanned out on Dask).",
+        json_schema_extra=RESOURCE_ONLY,
+    )
     features: FeaturesRecipe = Field(default_factory=FeaturesRecipe, description="Task A settings.")
     patching: PatchingRecipe = Field(default_factory=PatchingRecipe, description="Task B settings.")
     ablation: AblationRecipe = Field(default_factory=AblationRecipe, description="Task C settings.")

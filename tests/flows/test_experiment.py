@@ -3,7 +3,7 @@
 from flows.experiment import experiment
 from storage.catalog import connect_read_only
 from storage.store import complete_datasets
-from tasks.config import ExperimentRecipe, ModelConfig
+from tasks.config import ExperimentRecipe, ModelConfig, RunnerConfig
 from tests.flows.test_features import tiny_features_recipe
 from tests.flows.test_outcomes import tiny_ablation_recipe, tiny_patching_recipe
 
@@ -55,3 +55,27 @@ def test_experiment_grid_rows_rerun_and_report(tmp_path, text_file):
     again = experiment(recipe)
     after = {ds.path: (ds.path / "_COMPLETE.json").stat().st_mtime_ns for ds in complete_datasets(tmp_path / "store")}
     assert after == before and again["experiment"]["cells"] == 3 * 2  # tasks x n_train x seeds
+
+
+def test_cells_fanned_out_on_dask_workers_give_the_in_process_numbers(tmp_path, text_file):
+    """recipe.runner.kind = dask: every cell is a task on a local Dask cluster (two worker processes); the
+    metrics equal those of the same grid run cell after cell in this process."""
+    base = tiny_experiment(tmp_path, text_file).model_copy(update={"tasks": ["ablation"]})
+    query = ("select c.n_train, m.method, m.explainer_model, m.metric, m.value from metrics m "
+             "join experiment_cells c using (run_id) where m.split = 'test' order by all")  # fmt: skip
+    tables = {}
+    for kind in ("local", "dask"):
+        store = tmp_path / kind
+        recipe = base.model_copy(update={"home": str(store), "runner": RunnerConfig(kind=kind, n_workers=2)})
+        result = experiment(recipe)
+        assert result["experiment"]["cells"] == 2
+        with connect_read_only(store) as con:
+            tables[kind] = con.execute(query).fetchall()
+    assert {n for n, *_ in tables["dask"]} == {4, 12}
+    assert tables["dask"] == tables["local"]
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:  # the dask run's cells were tasks of the Dask runner
+        cells = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="experiment-cell")))
+    assert sorted(r.state.name for r in cells) == ["Completed", "Completed"]

@@ -83,15 +83,20 @@ def test_sweep_rows_are_aligned_typed_and_match_one_forward_per_patch(lm):
     assert sf["counterfact_pos"] == tp.subject[-1]
     assert sf["counterfact_text_token"] == lm.tokenizer.decode([tp.ids[tp.subject[-1]]])
     np.testing.assert_allclose(sf["intervention_vector"], h_prime[chunks[1], tp.subject[-1]].mean(0).numpy(), rtol=1e-6)
-    # batched labels equal one forward per patch
+    # The sweep's labels (batched, clean prefix run once per batch) equal full forwards of every patched copy,
+    # batched or one per patch.
     text_x, query_x = render(lm, pair.x.prompt, pair.options, cfg.prompt_format)
     ids_x = lm.tokenizer(text_x, add_special_tokens=False)["input_ids"]
-    some = rows[:: max(1, len(rows) // 6)]
-    one_by_one = [
-        next_tokens(lm, ids_x, [(r["layer"], r["orig_pos"], torch.tensor(r["intervention_vector"]))], 1)[0]
-        for r in some
-    ]
-    assert one_by_one == [r["ablated_token_id"] for r in some]
+    patches = [(r["layer"], r["orig_pos"], torch.tensor(r["intervention_vector"])) for r in rows]
+    labels = [r["ablated_token_id"] for r in rows]
+    assert next_tokens(lm, ids_x, patches, 5, reuse_prefix=False) == labels
+    # Large random vectors flip answers, so the two paths are compared where labels differ across rows.
+    gen = torch.Generator().manual_seed(0)
+    loud = [(c, t, 30 * torch.randn(v.shape, generator=gen)) for c, t, v in patches]
+    fast = next_tokens(lm, ids_x, loud, 5)
+    assert fast == next_tokens(lm, ids_x, loud, 5, reuse_prefix=False) and len(set(fast)) >= 3
+    some = list(range(0, len(rows), max(1, len(rows) // 6)))
+    assert [next_tokens(lm, ids_x, [patches[i]], 1, reuse_prefix=False)[0] for i in some] == [labels[i] for i in some]
     assert all(r["is_different"] == (r["ablated_token_id"] != r["original_token_id"]) for r in rows)
 
 
