@@ -30,7 +30,7 @@ from tasks.models import LoadedModel, decoder_layers
 from tasks.orchestration import progress_reporter, stage_task
 
 STAGE = "patching_gt"
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: the sweep shares the clean prefix (bf16 rounding of labels may differ from 1)
 SYSTEM_PROMPT = "You are a helpful assistant. Answer with one of the offered options."
 WORKED_EXAMPLE = ("The chemical symbol of gold is", ["Ag", "Au", "Fe", "Pb", "Cu"], "Au")
 
