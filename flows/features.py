@@ -3,7 +3,8 @@
 activations   cache the target's residual stream at the chosen layers (the cache-activations stages)
 ground truth  train an SAE per layer; exemplars; a label per feature; split train / test by feature
 explainers    fine-tune each explainer (self: the target's own weights; other: another model via Π_ℓ)
-              to describe a feature from its decoder direction written into a placeholder embedding
+              to describe a feature from its decoder direction written into a placeholder embedding;
+              optionally the prompt ablations (retrained without the placeholder or the layer number)
 evaluate      describe the held-out features and the ACT vectors with every method (trained,
               nearest neighbour, SelfIE, gold) and score each description with the simulator
 catalog       refresh the SQL views (metrics, predictions, runs, features, exemplars, ...)
@@ -21,6 +22,7 @@ from tasks.features import (
     check_recipe,
     evaluate_task,
     evaluation_run_id,
+    explainer_names,
     ground_truth_key,
     train_explainer_task,
 )
@@ -42,8 +44,8 @@ def explain_features(recipe: FeaturesRecipe, gt: dict[str, Any]) -> dict[str, An
     """Train each explainer, evaluate every method, refresh the SQL views."""
     plan, gt_key = gt["plan"], gt["gt_key"]
     checkpoints = {
-        role: train_explainer_task(recipe, plan, gt_key, role, wait_for=[gt["truth"]])["path"]
-        for role in recipe.explainers
+        name: train_explainer_task(recipe, plan, gt_key, name, wait_for=[gt["truth"]])["path"]
+        for name in explainer_names(recipe)
     }
     results = evaluate_task(recipe, plan, gt_key, checkpoints, evaluation_run_id(recipe, gt_key))
     refresh_catalog_task(plan.home, wait_for=[results])

@@ -253,6 +253,19 @@ class FeatureEvalConfig(StrictModel):
     selfie: bool = Field(
         True, description="Score the untrained SelfIE baseline (independent of n_train: experiments run it once)."
     )
+    prompt_ablations: list[Literal["no_activation", "no_layer"]] = Field(
+        [],
+        description="Explainers retrained with one part of every template removed, each evaluated as its own "
+        "method (PAPER.md §3.8): no_activation drops the placeholder (no vector reaches the explainer), no_layer "
+        "drops the layer number.",
+    )
+    ablation_roles: list[str] = Field(["self"], description="Roles that get the prompt-ablation explainers.")
+    alignment_contexts: int = Field(
+        32,
+        ge=0,
+        description="Privileged-access diagnostics (PAPER.md §3.8, Table 4): compare each trained explainer's "
+        "hidden states with the target's on this many exemplar contexts of held-out features (0 skips them).",
+    )
 
 
 def _self_explainer(**kw: Any) -> "ExplainerConfig":

@@ -160,6 +160,11 @@ def _documents(cfg: CorpusConfig) -> Iterator[str]:
         yield from _file_documents(f, cfg.text_field)
 
 
+def context_start_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token every context starts with: BOS, or EOS for tokenizers without one."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def tokenize_contexts(tokenizer: PreTrainedTokenizerBase, cfg: CorpusConfig) -> np.ndarray:
     """Token ids [n_contexts, context_length]: BOS then context_length-1 tokens of the document stream.
 
@@ -169,7 +174,7 @@ def tokenize_contexts(tokenizer: PreTrainedTokenizerBase, cfg: CorpusConfig) -> 
     n_contexts = -(-cfg.n_tokens // cfg.context_length)
     body = cfg.context_length - 1
     need = n_contexts * body
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = context_start_id(tokenizer)
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for doc in iter_documents(cfg):

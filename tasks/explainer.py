@@ -19,6 +19,7 @@ generation prefix equals the training prefix token for token.
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -72,16 +73,36 @@ class Query:
     system: str | None = None  # chat system prompt; None uses CHAT_SYSTEM_PROMPT
 
 
+# The layer phrase of the templates above ("At layer {layer}, ", " at layer {layer}"): the '- layer' ablation
+# removes it, which leaves a grammatical question.
+FEATURE_LAYER_PHRASE = re.compile(r"At layer \{layer\}, | at layer \{layer\}")
+
+
 def feature_queries(
-    vectors: np.ndarray, layers: Sequence[int], labels: Sequence[str | None], ids: Sequence[str], chat: bool, seed: int
+    vectors: np.ndarray,
+    layers: Sequence[int],
+    labels: Sequence[str | None],
+    ids: Sequence[str],
+    chat: bool,
+    seed: int,
+    mode: str = "trained",
 ) -> list[Query]:
-    """Feature-description queries, one template drawn per example with a seeded RNG (R5)."""
+    """Feature-description queries, one template drawn per example with a seeded RNG (R5). mode 'no_layer'
+    drops the layer phrase; 'no_activation' puts "this feature" in place of the placeholder, so the query
+    carries no vector."""
     templates = FEATURE_TEMPLATES_CHAT if chat else FEATURE_TEMPLATES_BASE
     rng = random.Random(seed)
     out = []
     for v, layer, label, ex in zip(vectors, layers, labels, ids, strict=True):
-        text = rng.choice(templates).format(feature=SPAN, layer=layer)
-        out.append(Query(np.asarray(v, dtype=np.float32), int(layer), text, label, ex))
+        template = rng.choice(templates)
+        if mode == "no_layer":
+            template = FEATURE_LAYER_PHRASE.sub("", template)
+        if mode == "no_activation":  # words in place of the placeholder: "What does this feature encode ...?"
+            text = template.format(feature="this feature", layer=layer)
+            out.append(Query(None, int(layer), text[0].upper() + text[1:], label, ex))
+        else:
+            out.append(Query(np.asarray(v, dtype=np.float32), int(layer), template.format(feature=SPAN, layer=layer),
+                             label, ex))  # fmt: skip
     return out
 
 

@@ -24,9 +24,9 @@ import pyarrow as pa
 from storage.errors import UserInputError
 from storage.hashing import config_hash
 from storage.store import Dataset
+from tasks import alignment, models
 from tasks import explainer as ex
 from tasks import labels as lab
-from tasks import models
 from tasks.activations import CachePlan, activations_dataset, plan_cache
 from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig
 from tasks.llm import complete
@@ -37,7 +37,7 @@ from tasks.simulate import JUDGE_PROMPT, LMSimulator, SentenceEmbedder, judge_ra
 
 STAGE = "features"
 STAGE_VERSION = 1  # ground truth and explainer checkpoints
-EVAL_VERSION = 2  # evaluation only: bumping it re-scores without retraining
+EVAL_VERSION = 3  # evaluation only: bumping it re-scores without retraining (3: alignment diagnostics)
 SELFIE_USER = "Briefly define the word '{x}'."
 SELFIE_PREFIX = "The meaning of the word '{x}' is "
 SELFIE_BASE = "What is the meaning of the word '{x}'? The meaning of the word '{x}' is "
@@ -58,6 +58,10 @@ def check_recipe(recipe: FeaturesRecipe) -> CachePlan:
                                      f"(layer_{layer}/cfg.json)", "save one SAE per cached layer, or train them")  # fmt: skip
     if not recipe.explainers:
         raise UserInputError("explainers", "no explainer configured", "add at least one role, e.g. self")
+    unknown = [r for r in recipe.eval.ablation_roles if r not in recipe.explainers]
+    if unknown and recipe.eval.prompt_ablations:
+        raise UserInputError("eval.ablation_roles", f"{unknown} are not explainer roles",
+                             f"use roles of `explainers` ({', '.join(recipe.explainers)})")  # fmt: skip
     for role, cfg in recipe.explainers.items():
         try:
             models.resolve(cfg.model)
@@ -225,23 +229,37 @@ def training_subset(fs: FeatureSet, n_train: int | None, seed: int) -> FeatureSe
 # -- explainers -------------------------------------------------------------------------------------------
 
 
-def explainer_key(gt_key: str, role: str, cfg: ExplainerConfig, n_train: int | None) -> str:
-    return config_hash("explainer", STAGE_VERSION, {"gt": gt_key, "role": role, "cfg": cfg, "n_train": n_train})
+def explainer_names(recipe: FeaturesRecipe) -> list[str]:
+    """Every explainer the recipe trains: each role, then `<role>/<ablation>` per prompt ablation."""
+    return [*recipe.explainers, *(f"{r}/{a}" for r in recipe.eval.ablation_roles for a in recipe.eval.prompt_ablations)]
 
 
-def train_explainer(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, role: str, progress=None) -> dict[str, Any]:
-    """Train the explainer of `role` on the train features; checkpoint under tables/explainers/<key>."""
+def explainer_key(recipe: FeaturesRecipe, gt_key: str, name: str) -> str:
+    """Key of explainer `name` (see explainer_names): its ground truth, config, prompt mode and n_train."""
+    cfg = recipe.explainers[name.split("/")[0]]
+    return config_hash(
+        "explainer", STAGE_VERSION, {"gt": gt_key, "role": name, "cfg": cfg, "n_train": recipe.eval.n_train}
+    )
+
+
+def explainer_dataset(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: str) -> Dataset:
+    return Dataset(Path(plan.home), "explainers", explainer_key(recipe, gt_key, name))
+
+
+def train_explainer(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: str, progress=None) -> dict[str, Any]:
+    """Train explainer `name` (see explainer_names) on the train features; checkpoint under
+    tables/explainers/<key>. A '- activation' explainer is text-only: its queries carry no vector."""
+    role, _, mode = name.partition("/")
     cfg = recipe.explainers[role]
-    root = Path(plan.home)
-    out = Dataset(root, "explainers", explainer_key(gt_key, role, cfg, recipe.eval.n_train))
+    out = explainer_dataset(recipe, plan, gt_key, name)
     if out.is_complete():
         return {"path": str(out.path), **out.summary()}
-    fs = training_subset(load_feature_set(root, gt_key), recipe.eval.n_train, cfg.seed)
+    fs = training_subset(load_feature_set(Path(plan.home), gt_key), recipe.eval.n_train, cfg.seed)
     target = models.load_config(recipe.target)
     summary = ex.train_to_checkpoint(
-        out, cfg, target.hidden_size, target.num_hidden_layers,
-        lambda e: ex.feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), e.chat, cfg.seed),
-        {"role": role, "gt": gt_key}, progress,
+        out, cfg, None if mode == "no_activation" else target.hidden_size, target.num_hidden_layers,
+        lambda e: ex.feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), e.chat, cfg.seed, mode or "trained"),
+        {"role": name, "gt": gt_key}, progress,
     )  # fmt: skip
     return {"path": str(out.path), **summary}
 
@@ -262,10 +280,15 @@ class LayerCache:
         ends = np.r_[self.starts[1:], len(self.context_id)]
         self.rows = {int(self.context_id[s]): (s, e) for s, e in zip(self.starts, ends, strict=True)}
 
+    def states(self, context_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions [P], h [P, d] float16): the stored residuals of one context."""
+        s, e = self.rows[int(context_id)]
+        return self.position[s:e], self.x[s:e]
+
     def true_acts(self, v: np.ndarray, context_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(positions [P], max(0, <h_t, v>) [P]) over the stored positions of one context."""
-        s, e = self.rows[int(context_id)]
-        return self.position[s:e], np.clip(self.x[s:e].astype(np.float32) @ v, 0, None)
+        positions, h = self.states(context_id)
+        return positions, np.clip(h.astype(np.float32) @ v, 0, None)
 
     def top_contexts(self, v: np.ndarray, k: int) -> list[int]:
         """Contexts with the largest max_t <h_t, v> (exemplars of an arbitrary vector)."""
@@ -366,22 +389,36 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
     items += delta_items(recipe, caches, recipe.sae.n_exemplars)
     target_name = recipe.target.name
     n_train = len(train.layer)
+    # Privileged-access diagnostics on exemplar contexts of held-out features (two per feature).
+    align_on = [(it.layer, it.vector, c) for it in items if it.split == "test" for c in it.contexts[:2]]
+    align_on = align_on[: recipe.eval.alignment_contexts]
+    aligned: list[Metric] = []
     predictions: dict[tuple[str, str], list[str]] = {}  # (method, explainer_model) -> descriptions per item
     predictions[("gold", target_name)] = [it.gold or "" for it in items]
     predictions[("nearest_neighbor", target_name)] = nearest_neighbour(train, items, layerwise=False)
     predictions[("nearest_neighbor_layerwise", target_name)] = nearest_neighbour(train, items, layerwise=True)
-    for role, path in checkpoints.items():
+    for name, path in checkpoints.items():
+        role, _, mode = name.partition("/")
         explainer = ex.Explainer.load(Path(path) / "checkpoint")
-        queries = [ex.feature_queries(it.vector[None], [it.layer], [None], [it.example_id], explainer.chat,
-                                      recipe.explainers[role].seed + k)[0] for k, it in enumerate(items)]  # fmt: skip
         cfg = recipe.explainers[role]
-        predictions[("trained", cfg.model.name)] = explainer.generate(queries, cfg.max_new_tokens, cfg.eval_batch_size)
-        # R8 control: the same prompts with v = 0. Near-equal scores mean the explainer is not reading v.
-        zero = [ex.Query(np.zeros_like(q.vector), q.layer, q.text, None, q.example_id) for q in queries]
-        predictions[("zero_vector", cfg.model.name)] = explainer.generate(zero, cfg.max_new_tokens, cfg.eval_batch_size)
+        queries = [ex.feature_queries(it.vector[None], [it.layer], [None], [it.example_id], explainer.chat,
+                                      cfg.seed + k, mode or "trained")[0] for k, it in enumerate(items)]  # fmt: skip
+        predictions[(mode or "trained", cfg.model.name)] = explainer.generate(queries, cfg.max_new_tokens,
+                                                                             cfg.eval_batch_size)  # fmt: skip
+        if not mode:  # the controls and diagnostics of a trained explainer (a prompt ablation has none)
+            # R8 control: the same prompts with v = 0. Near-equal scores mean the explainer is not reading v.
+            zero = [ex.Query(np.zeros_like(q.vector), q.layer, q.text, None, q.example_id) for q in queries]
+            predictions[("zero_vector", cfg.model.name)] = explainer.generate(zero, cfg.max_new_tokens,
+                                                                                cfg.eval_batch_size)  # fmt: skip
+            if align_on:
+                sims = alignment.similarities(explainer, lambda layer, c: caches[layer].states(c), texts.tokens,
+                                              recipe.cache.layers, align_on)  # fmt: skip
+                aligned += [Metric(run_id, "alignment", target_name, cfg.model.name, "trained", n_train,
+                                   recipe.sae.seed, "test", metric, *value_se_n)
+                            for metric, value_se_n in sims.items()]  # fmt: skip
         del explainer
         if progress:
-            progress(f"{role} explainer decoded {len(items)} items")
+            progress(f"{name} explainer decoded {len(items)} items")
     target_cfg = models.load_config(recipe.target)
     any_cfg = next(iter(recipe.explainers.values()), ExplainerConfig())
     by_scale = {}
@@ -390,7 +427,7 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
                                        recipe.eval.selfie_max_new_tokens, target_cfg.hidden_size,
                                        target_cfg.num_hidden_layers)  # fmt: skip
 
-    metrics, rows = [], []
+    metrics, rows = aligned, []
     for layer, quality in Dataset(root, "feature_labels", gt_key).summary()["quality"].items():
         for name in ("sae_explained_variance", "sae_l0", "sae_dead_fraction"):  # SAE quality, one row per layer
             metrics.append(Metric(run_id, "features", target_name, "", "sae", 0, recipe.sae.seed, f"layer_{layer}",
@@ -483,7 +520,7 @@ def act_items(recipe: FeaturesRecipe, caches: dict[int, LayerCache], k: int) -> 
 
 def evaluation_run_id(recipe: FeaturesRecipe, gt_key: str) -> str:
     """Deterministic run id: a rerun of the same recipe finds its results instead of duplicating rows."""
-    keys = {r: explainer_key(gt_key, r, c, recipe.eval.n_train) for r, c in recipe.explainers.items()}
+    keys = {name: explainer_key(recipe, gt_key, name) for name in explainer_names(recipe)}
     return "features-" + config_hash(
         "features-eval", EVAL_VERSION, {"gt": gt_key, "explainers": keys, "eval": recipe.eval, "target": recipe.target}
     )
@@ -499,18 +536,17 @@ def build_ground_truth_task(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str
     return build_ground_truth(recipe, plan, gt_key)
 
 
-def _explainer_output(p: dict[str, Any]) -> Dataset:
-    cfg = p["recipe"].explainers[p["role"]]
-    return Dataset(
-        Path(p["plan"].home), "explainers", explainer_key(p["gt_key"], p["role"], cfg, p["recipe"].eval.n_train)
+@stage_task(
+    "train-explainer",
+    gpu=True,
+    output=lambda p: explainer_dataset(p["recipe"], p["plan"], p["gt_key"], p["name"]),
+)
+def train_explainer_task(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: str) -> dict[str, Any]:
+    """Fine-tune one explainer (a role, or a role's prompt ablation) on the training features."""
+    progress = progress_reporter(
+        f"train-explainer-{name.replace('/', '-').replace('_', '-')}", f"training the {name} explainer"
     )
-
-
-@stage_task("train-explainer", gpu=True, output=_explainer_output)
-def train_explainer_task(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, role: str) -> dict[str, Any]:
-    """Fine-tune one explainer on the training features."""
-    progress = progress_reporter(f"train-explainer-{role}", f"training the {role} explainer")
-    return train_explainer(recipe, plan, gt_key, role, progress)
+    return train_explainer(recipe, plan, gt_key, name, progress)
 
 
 @stage_task("evaluate-features", gpu=True, output=lambda p: Dataset(Path(p["plan"].home), "metrics", p["run_id"]))

@@ -30,9 +30,11 @@ METRICS = {
                  ("embedding_similarity", "test")],
     "patching": [("exact_match", "test"), ("has_changed_f1", "test"), ("content_match", "test")],
     "ablation": [("exact_match", "test"), ("has_changed_f1", "test"), ("content_match", "test")],
+    "alignment": [("dot_product_similarity", "test"), ("sae_pattern_similarity", "test")],
 }  # fmt: skip
 TASK_TITLES = {"features": "Task A: feature descriptions", "patching": "Task B: activation patching",
-               "ablation": "Task C: input ablation"}  # fmt: skip
+               "ablation": "Task C: input ablation",
+               "alignment": "Privileged access: explainer-target alignment (Table 4, measured with task A)"}  # fmt: skip
 CURVES = (
     "trained",
     "nearest_neighbor",
@@ -62,6 +64,10 @@ PAPER = {
                                              "untrained self": 33.4},
     ("ablation", "content_match", "test"): {"self (Llama-3.1-8B-Instruct)": 75.3, "other (Qwen3-8B)": 67.8,
                                             "untrained self": 15.5},
+    ("alignment", "dot_product_similarity", "test"): {"Llama-3-8B (sibling)": 96.61, "Llama-3.1-8B-Instruct": 85.27,
+                                                      "Llama-3.1-70B (pretrained Π)": 21.48, "Qwen3-8B": 0.10},
+    ("alignment", "sae_pattern_similarity", "test"): {"Llama-3-8B (sibling)": 93.66, "Llama-3.1-8B-Instruct": 88.63,
+                                                      "Llama-3.1-70B (pretrained Π)": 54.25, "Qwen3-8B": 0.10},
 }  # fmt: skip
 
 
@@ -74,7 +80,8 @@ def latest_experiment(root: Path) -> str:
 
 
 def load_results(root: Path, experiment: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(metric rows of every cell, the experiment's recipe); rows carry task, n_train, seed, flat_baselines."""
+    """(metric rows of every cell, the experiment's recipe); rows carry their own task (a features cell also
+    holds `alignment` rows), the cell's n_train and seed, and whether it holds the flat baselines."""
     cells_ds = Dataset(root, "experiment_cells", experiment)
     if not cells_ds.is_complete():
         raise UserInputError("experiment", f"{experiment!r} is not a finished experiment in {root}",
@@ -84,7 +91,7 @@ def load_results(root: Path, experiment: str) -> tuple[list[dict[str, Any]], dic
     con = duckdb.connect()
     con.register("cells", pa.Table.from_pylist(cells))
     rows = con.execute(
-        f"select c.task, c.n_train as grid_n_train, c.seed as grid_seed, c.flat_baselines, m.method, "
+        f"select m.task, c.n_train as grid_n_train, c.seed as grid_seed, c.flat_baselines, m.method, "
         f"m.explainer_model, m.target_model, m.metric, m.split, m.value, m.se, m.n "
         f"from read_parquet({files}) m join cells c using (run_id)"
     ).fetchall()
@@ -180,6 +187,36 @@ def plot_self_vs_other(headline: dict[str, dict[str, tuple[float, float]]], path
     plt.close(fig)
 
 
+def plot_quality_vs_alignment(table: dict[tuple, dict[str, dict[int, tuple[float, float]]]], path: Path) -> bool:
+    """Scatter: each trained explainer's feature-description score against its dot-product alignment with
+    the target, one point per n_train (Fig. 7's question: does quality track alignment?). False: no data."""
+    quality = table.get(("features", *METRICS["features"][0]), {})
+    align = table.get(("alignment", *METRICS["alignment"][0]), {})
+    series = [s for s in align if s in quality]
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    for i, name in enumerate(sorted(series)):
+        sizes = sorted(set(align[name]) & set(quality[name]))
+        x = [100 * align[name][n][0] for n in sizes]
+        y = [100 * quality[name][n][0] for n in sizes]
+        ax.errorbar(x, y, yerr=[100 * quality[name][n][1] for n in sizes], fmt="o", color=f"C{i}", label=name)
+        for n, xi, yi in zip(sizes, x, y, strict=True):
+            ax.annotate(f"n={n}", (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("dot-product similarity with the target (x100)")
+    ax.set_ylabel(f"features {METRICS['features'][0][0]} (x100)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _fmt(point: tuple[float, float] | None) -> str:
     return "–" if point is None else f"{100 * point[0]:.1f} ± {100 * point[1]:.1f}"
 
@@ -224,7 +261,7 @@ def write_report(root: Path, experiment: str) -> Path:
     tmp = final.with_name(f".{experiment}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tasks = [t for t in recipe["tasks"] if any(k[0] == t for k in table)]
+    tasks = [t for t in [*recipe["tasks"], "alignment"] if any(k[0] == t for k in table)]
     target = recipe["target"]["name"]
     lines = [f"# selfexplain experiment `{experiment}`", "",
              f"Target **{target}**; tasks {', '.join(tasks)}; n_train {recipe['grid']['n_train']}; "
@@ -257,6 +294,8 @@ def write_report(root: Path, experiment: str) -> Path:
     if headline:
         plot_self_vs_other(headline, tmp / "self-vs-other.png")
         lines += ["## Self vs other at the largest n_train", "", "![self vs other](self-vs-other.png)", ""]
+    if plot_quality_vs_alignment(table, tmp / "quality-vs-alignment.png"):
+        lines += ["## Explainer quality against alignment", "", "![quality vs alignment](quality-vs-alignment.png)", ""]
     (tmp / "report.md").write_text("\n".join(lines) + "\n")
     if final.exists():
         shutil.rmtree(final)

@@ -12,7 +12,9 @@ def tiny_experiment(tmp_path, corpus) -> ExperimentRecipe:
     store = tmp_path / "store"
     features = tiny_features_recipe(store, corpus)
     features = features.model_copy(
-        update={"eval": features.eval.model_copy(update={"judge": None, "simulator": "lexical"})}
+        update={
+            "eval": features.eval.model_copy(update={"judge": None, "simulator": "lexical", "prompt_ablations": []})
+        }
     )
     return ExperimentRecipe(
         home=str(store),

@@ -28,6 +28,7 @@ def tiny_features_recipe(home: Path, corpus: Path) -> FeaturesRecipe:
                 "judge": "tiny-llama",
                 "simulator": "tiny-llama",
                 "selfie_scales": [1, 10],
+                "prompt_ablations": ["no_activation", "no_layer"],
             },
         }
     )
@@ -48,10 +49,19 @@ def test_features_flow_fills_the_result_contract(tmp_path, text_file):
         ("gold", "tiny-llama"), ("nearest_neighbor", "tiny-llama"), ("nearest_neighbor_layerwise", "tiny-llama"),
         ("selfie", "tiny-llama"), ("trained", "tiny-llama"), ("trained", "tiny-gemma3"),
         ("zero_vector", "tiny-llama"), ("zero_vector", "tiny-gemma3"),
+        ("no_activation", "tiny-llama"), ("no_layer", "tiny-llama"),  # the self explainer's prompt ablations
     }  # fmt: skip
     assert all(n == 8 and 0 <= v <= 1 and se == se for _, _, v, se, n in rows)  # se is not NaN
     for split in ("ood_act", "ood_delta"):  # every method but gold
-        assert con.execute(f"select count(*) from metrics where split = '{split}'").fetchone()[0] == 7
+        assert con.execute(f"select count(*) from metrics where split = '{split}'").fetchone()[0] == 9
+    # Privileged-access diagnostics: both scores for both trained explainers (not for the prompt ablations)
+    aligned = con.execute("select explainer_model, metric, value, n from metrics where task = 'alignment' "
+                          "order by all").fetchall()  # fmt: skip
+    assert [(e, m) for e, m, _, _ in aligned] == [
+        ("tiny-gemma3", "dot_product_similarity"), ("tiny-gemma3", "sae_pattern_similarity"),
+        ("tiny-llama", "dot_product_similarity"), ("tiny-llama", "sae_pattern_similarity"),
+    ]  # fmt: skip
+    assert all(-1 <= v <= 1 for _, _, v, _ in aligned) and all(n > 0 for *_, n in aligned)
     sae = con.execute(
         "select split, value from metrics where method = 'sae' and metric = 'sae_l0' order by 1"
     ).fetchall()
@@ -65,7 +75,7 @@ def test_features_flow_fills_the_result_contract(tmp_path, text_file):
     assert labels[0] > 8 and labels[1] == 2
     assert con.execute("select status from runs").fetchone() == ("completed",)
     judged = con.execute("select count(*) from metrics where metric = 'judge_score' and value between 0 and 1")
-    assert judged.fetchone() == (7,)  # the tiny judge rarely answers a digit: unparseable replies count as 0
+    assert judged.fetchone() == (9,)  # the tiny judge rarely answers a digit: unparseable replies count as 0
     con.close()
     again = features(recipe)  # a rerun trains nothing and writes no new rows
     assert again["results"]["run_id"] == result["results"]["run_id"]

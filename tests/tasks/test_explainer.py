@@ -204,3 +204,17 @@ def test_decoded_text_is_cut_at_stop_strings_keeping_an_outcome_sentence_whole(r
     from tasks.explainer import _cut
 
     assert _cut(raw) == cut
+
+
+def test_prompt_ablation_queries_drop_the_layer_or_the_vector():
+    v, layers, ids = np.ones((12, 8), np.float32), [3] * 12, [f"f{i}" for i in range(12)]
+    for chat in (True, False):
+        full = feature_queries(v, layers, ["x"] * 12, ids, chat, seed=1)
+        no_layer = feature_queries(v, layers, ["x"] * 12, ids, chat, seed=1, mode="no_layer")
+        no_act = feature_queries(v, layers, ["x"] * 12, ids, chat, seed=1, mode="no_activation")
+        assert all("layer 3" in q.text and SPAN in q.text for q in full)
+        assert all("layer" not in q.text and SPAN in q.text and q.vector is not None for q in no_layer)
+        assert all(SPAN not in q.text and "his feature" in q.text and q.vector is None for q in no_act)
+        assert all("layer 3" in q.text and q.text[0].isupper() for q in no_act)
+        assert [q.answer for q in no_act] == ["x"] * 12  # the same labels, the same template draws
+    assert feature_queries(v[:1], [3], ["x"], ["f"], False, 0, "no_layer")[0].text.endswith(" ")  # base: one space

@@ -12,26 +12,29 @@ def _metric(run_id, task, model, method, n_train, metric, value, se, split="test
             "n_train": n_train, "seed": 0, "split": split, "metric": metric, "value": value, "se": se, "n": 100}  # fmt: skip
 
 
-def fixture_experiment(root):
+def write_experiment(root, key, task, rows_of) -> None:
+    """An experiment `key` of two cells (n_train 10, then 100 with the flat baselines); rows_of(run, n, flat)
+    gives each cell's metric rows."""
     cells = []
     for n, flat in ((10, False), (100, True)):
-        run = f"patching-run{n}"
-        cells.append({"experiment": "exp1", "task": "patching", "n_train": n, "seed": 0, "flat_baselines": flat,
-                      "run_id": run})  # fmt: skip
-        rows = [_metric(run, "patching", "tgt", "trained", n, "exact_match", 0.2 + n / 500, 0.02),
-                _metric(run, "patching", "other-lm", "trained", n, "exact_match", 0.25, 0.02),
-                _metric(run, "patching", "", "majority", n, "exact_match", 0.3, 0.02),
-                _metric(run, "patching", "tgt", "zero_shot", 0, "exact_match", 0.01 if flat else 0.99, 0.01)]  # fmt: skip
+        run = f"{task}-run{n}"
+        cells.append({"experiment": key, "task": task, "n_train": n, "seed": 0, "flat_baselines": flat, "run_id": run})
         ds = Dataset(root, "metrics", run)
         ds.create({})
-        ds.write_shard(0, pa.Table.from_pylist(rows, schema=METRIC_SCHEMA))
+        ds.write_shard(0, pa.Table.from_pylist(rows_of(run, n, flat), schema=METRIC_SCHEMA))
         ds.mark_complete({})
-    ds = Dataset(root, "experiment_cells", "exp1")
-    ds.create(
-        {"recipe": {"tasks": ["patching"], "target": {"name": "tgt"}, "grid": {"n_train": [10, 100], "seeds": [0]}}}
-    )
+    ds = Dataset(root, "experiment_cells", key)
+    ds.create({"recipe": {"tasks": [task], "target": {"name": "tgt"}, "grid": {"n_train": [10, 100], "seeds": [0]}}})
     ds.write_shard(0, pa.Table.from_pylist(cells))
     ds.mark_complete({})
+
+
+def fixture_experiment(root):
+    write_experiment(root, "exp1", "patching", lambda run, n, flat: [
+        _metric(run, "patching", "tgt", "trained", n, "exact_match", 0.2 + n / 500, 0.02),
+        _metric(run, "patching", "other-lm", "trained", n, "exact_match", 0.25, 0.02),
+        _metric(run, "patching", "", "majority", n, "exact_match", 0.3, 0.02),
+        _metric(run, "patching", "tgt", "zero_shot", 0, "exact_match", 0.01 if flat else 0.99, 0.01)])  # fmt: skip
 
 
 def test_report_tables_plots_and_orderings(home):
@@ -47,3 +50,22 @@ def test_report_tables_plots_and_orderings(home):
     assert "Paper (PAPER.md §6, 8B targets): self (Llama-3.1-8B) 48.6" in text
     for png in ("patching-exact_match-test.png", "self-vs-other.png"):
         assert (path.parent / png).stat().st_size > 5000 and f"({png})" in text
+
+
+def test_alignment_rows_get_their_table_the_paper_numbers_and_the_quality_scatter(home):
+    write_experiment(home, "exp2", "features", lambda run, n, flat: [
+        _metric(run, "features", "tgt", "trained", n, "simulator_corr", 0.3 + n / 1000, 0.02),
+        _metric(run, "features", "other-lm", "trained", n, "simulator_corr", 0.2, 0.02),
+        _metric(run, "alignment", "tgt", "trained", n, "dot_product_similarity", 0.95, 0.01),
+        _metric(run, "alignment", "other-lm", "trained", n, "dot_product_similarity", 0.05, 0.01),
+        _metric(run, "alignment", "tgt", "trained", n, "sae_pattern_similarity", 0.9, 0.01),
+        _metric(run, "alignment", "other-lm", "trained", n, "sae_pattern_similarity", 0.1, 0.01)])  # fmt: skip
+    path = write_report(home, "exp2")
+    text = path.read_text()
+    assert "## Privileged access: explainer-target alignment" in text
+    assert (
+        "| self | 95.0 ± 1.0 | 95.0 ± 1.0 | – |" in text and "| other (other-lm) | 5.0 ± 1.0 | 5.0 ± 1.0 | – |" in text
+    )
+    assert "self > other (other-lm) **held** (Δ = +90.0 ± 1.4)" in text
+    assert "Paper (PAPER.md §6, 8B targets): Llama-3-8B (sibling) 96.6" in text
+    assert (path.parent / "quality-vs-alignment.png").stat().st_size > 5000 and "(quality-vs-alignment.png)" in text
