@@ -62,6 +62,26 @@ def _events(root: Path) -> list[Path]:
     return [p.relative_to(root) for p in sorted(files, key=lambda p: p.stat().st_mtime_ns)]
 
 
+def _assert_same(reference: pa.Table, resumed: pa.Table, key: tuple[str, str]) -> None:
+    """Every table equal value for value, with one exception: the `alignment` rows of `metrics`, which are
+    continuous functions of float32 forward passes (cosines, correlations of hidden states). Those agree
+    across processes to about 1e-8, not bit for bit (BLAS kernels vary with buffer alignment), so their
+    value and se are compared at rtol 1e-6; every other column of those rows, exactly."""
+    if key[0] != "metrics":
+        assert resumed.equals(reference), key
+        return
+    import numpy as np
+    import pyarrow.compute as pc
+
+    for keep in (lambda t: pc.not_equal(t["task"], "alignment"), lambda t: pc.equal(t["task"], "alignment")):
+        a, b = reference.filter(keep(reference)), resumed.filter(keep(resumed))
+        floats = {"value", "se"} if a.num_rows and a["task"][0].as_py() == "alignment" else set()
+        exact = [c for c in a.column_names if c not in floats]
+        assert a.select(exact).equals(b.select(exact)), key
+        for c in floats:
+            np.testing.assert_allclose(b[c].to_numpy(), a[c].to_numpy(), rtol=1e-6, atol=1e-9, err_msg=str(key))
+
+
 @pytest.mark.parametrize("flow", ["cache-activations", "features", "patching", "ablation"])
 def test_killed_runs_resume_to_the_uninterrupted_tables(tmp_path, text_file, cli_env, flow):
     text_file.write_text(text_file.read_text() * 6)
@@ -95,5 +115,5 @@ def test_killed_runs_resume_to_the_uninterrupted_tables(tmp_path, text_file, cli
     resumed = _tables(killed)
     assert sorted(resumed) == sorted(reference)
     for key, table in reference.items():
-        assert resumed[key].equals(table), key
+        _assert_same(table, resumed[key], key)
     assert not list(killed.rglob(".*tmp*"))  # no temp file left behind
