@@ -89,15 +89,16 @@ def similarities(
         h_e = hidden[explainer_layer(layer, explainer.n_target_layers, n_e) + 1]  # hidden[0]: the embeddings
         return torch.from_numpy(h_m[[i for i, _ in keep]].astype(np.float32)), h_e[[j for _, j in keep]]
 
-    cosines = []
-    for context in states:
-        for layer in layers:
-            h_m, h_e = paired(layer, context)
-            if len(h_m):
-                cosines.append(float(torch.nn.functional.cosine_similarity(h_e, to_explainer(layer, h_m)).mean()))
+    # Every (layer, context) pairing once: the cosines use them all, the correlations look theirs up.
+    both = {(layer, context): paired(layer, context) for context in states for layer in layers}
+    cosines = [
+        float(torch.nn.functional.cosine_similarity(h_e, to_explainer(layer, h_m)).mean())
+        for (layer, _), (h_m, h_e) in both.items()
+        if len(h_m)
+    ]
     correlations = []
     for layer, v, context in features:
-        h_m, h_e = paired(layer, context)
+        h_m, h_e = both[(layer, context)]
         v_m = torch.from_numpy(np.asarray(v, dtype=np.float32))
         a_m, a_e = h_m @ v_m, h_e @ to_explainer(layer, v_m)
         if len(a_m) > 2 and a_m.std() > 0 and a_e.std() > 0:

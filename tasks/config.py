@@ -424,6 +424,14 @@ RECIPES: dict[str, type[StrictModel]] = {
 }
 
 
+def check_ablation_roles(ablation_roles: list[str], prompt_ablations: list[str], explainers: dict[str, Any]) -> None:
+    """With prompt ablations asked for, every role in `eval.ablation_roles` must be a role of `explainers`."""
+    unknown = [r for r in ablation_roles if r not in explainers]
+    if unknown and prompt_ablations:
+        raise UserInputError("eval.ablation_roles", f"{unknown} are not explainer roles",
+                             f"use roles of `explainers`: {sorted(explainers)}")  # fmt: skip
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "<recipe>"
 

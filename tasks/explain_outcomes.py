@@ -32,7 +32,7 @@ from storage.store import Dataset, store_root
 from tasks import explainer as ex
 from tasks import models, outcomes
 from tasks.ablation import ablation_key
-from tasks.config import AblationRecipe, ExplainerConfig, PatchingRecipe
+from tasks.config import AblationRecipe, ExplainerConfig, PatchingRecipe, check_ablation_roles
 from tasks.importers import check_import, import_act_patch, import_input_ablation
 from tasks.orchestration import progress_reporter, stage_task
 from tasks.patching import patching_key
@@ -77,10 +77,7 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
         if recipe.eval.n_train > n:
             raise UserInputError("eval.n_train", f"{recipe.eval.n_train} exceeds the {n} training rows of {gt.table}",
                                  f"use at most {n}, or build more ground truth")  # fmt: skip
-    unknown = [r for r in recipe.eval.ablation_roles if r not in recipe.explainers]
-    if unknown and recipe.eval.prompt_ablations:
-        raise UserInputError("eval.ablation_roles", f"{unknown} are not explainer roles",
-                             f"use roles of `explainers`: {sorted(recipe.explainers)}")  # fmt: skip
+    check_ablation_roles(recipe.eval.ablation_roles, recipe.eval.prompt_ablations, recipe.explainers)
     if isinstance(recipe, AblationRecipe) and recipe.eval.prompt_ablations:
         raise UserInputError("eval.prompt_ablations", "ablation questions carry no vector, layer or token",
                              "set it to []")  # fmt: skip

@@ -28,7 +28,7 @@ from tasks import alignment, models
 from tasks import explainer as ex
 from tasks import labels as lab
 from tasks.activations import CachePlan, activations_dataset, plan_cache
-from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig
+from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig, check_ablation_roles
 from tasks.llm import complete
 from tasks.orchestration import progress_reporter, stage_task
 from tasks.results import Metric, Prediction, record_run, recorded
@@ -58,10 +58,7 @@ def check_recipe(recipe: FeaturesRecipe) -> CachePlan:
                                      f"(layer_{layer}/cfg.json)", "save one SAE per cached layer, or train them")  # fmt: skip
     if not recipe.explainers:
         raise UserInputError("explainers", "no explainer configured", "add at least one role, e.g. self")
-    unknown = [r for r in recipe.eval.ablation_roles if r not in recipe.explainers]
-    if unknown and recipe.eval.prompt_ablations:
-        raise UserInputError("eval.ablation_roles", f"{unknown} are not explainer roles",
-                             f"use roles of `explainers` ({', '.join(recipe.explainers)})")  # fmt: skip
+    check_ablation_roles(recipe.eval.ablation_roles, recipe.eval.prompt_ablations, recipe.explainers)
     for role, cfg in recipe.explainers.items():
         try:
             models.resolve(cfg.model)
