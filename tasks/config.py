@@ -260,6 +260,9 @@ class FeatureEvalConfig(StrictModel):
         "drops the layer number.",
     )
     ablation_roles: list[str] = Field(["self"], description="Roles that get the prompt-ablation explainers.")
+    zero_vector: bool = Field(
+        True, description="Also decode each trained explainer with v = 0 (does it read v at all?)."
+    )
     alignment_contexts: int = Field(
         32,
         ge=0,
@@ -299,6 +302,9 @@ class OutcomeEvalConfig(StrictModel):
         "'- activation', '- layer', '- token'), each evaluated as its own method.",
     )
     ablation_roles: list[str] = Field(["self"], description="Roles that get the prompt-ablation explainers.")
+    zero_vector: bool = Field(
+        True, description="Patching only: also decode each trained explainer with v = 0 (does it read v at all?)."
+    )
     zero_shot: bool = Field(True, description="Also score each explainer's untrained model with the paper's prompt.")
     seed: int = Field(0, description="Seed of the train/test samples and of template choice at evaluation.")
 
@@ -359,6 +365,12 @@ class GridConfig(StrictModel):
     )
     seeds: list[int] = Field(
         [0], min_length=1, description="Explainer seeds (initialisation, shuffling, templates) per size."
+    )
+    controls: Literal["largest", "every"] = Field(
+        "largest",
+        description="Cells that run the n_train-dependent controls (the v = 0 decode and the prompt-ablation "
+        "explainers of eval.prompt_ablations): 'largest' only the largest n_train of each seed (the paper "
+        "reports them at full size; they are the costliest part of a grid), 'every' every cell.",
     )
 
     @field_validator("n_train")

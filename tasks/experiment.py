@@ -3,8 +3,11 @@
 A cell is the task's own recipe with `eval.n_train` and the explainers' seed set, so its explainer checkpoints
 and evaluation run are the same cached stages the task flows use: a finished cell is never recomputed, and a
 task flow run with the same settings shares its work. Baselines that do not depend on n_train (SelfIE,
-zero-shot) run in one cell per task, the largest n_train at the first seed; they are drawn as flat lines.
-Table `experiment_cells(experiment, task, n_train, seed, flat_baselines, run_id)` ties cells to result runs.
+zero-shot) run in one cell per task, the largest n_train at the first seed; they are drawn as flat lines. The
+controls that do depend on it (v = 0, the prompt-ablation explainers) run where `grid.controls` says: by
+default in the largest cell of each seed only, as the paper reports them.
+Table `experiment_cells(experiment, task, n_train, seed, flat_baselines, controls, run_id)` ties cells to
+result runs.
 """
 
 from dataclasses import asdict, dataclass
@@ -18,7 +21,7 @@ from storage.store import Dataset, store_root
 from tasks.config import AblationRecipe, ExperimentRecipe, FeaturesRecipe, PatchingRecipe
 from tasks.orchestration import stage_task
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: experiment_cells carries `controls`
 TaskRecipe = FeaturesRecipe | PatchingRecipe | AblationRecipe
 
 
@@ -28,13 +31,14 @@ class Cell:
     n_train: int
     seed: int
     flat_baselines: bool  # this cell also scores the n_train-independent baselines
+    controls: bool  # this cell also runs the n_train-dependent controls (v = 0, prompt ablations)
 
 
 def expand(recipe: ExperimentRecipe) -> list[Cell]:
     """Every (task, n_train, seed) of the grid, sizes ascending within a task and seed."""
     grid = recipe.grid
     largest, first = max(grid.n_train), grid.seeds[0]
-    return [Cell(task, n, seed, n == largest and seed == first)
+    return [Cell(task, n, seed, n == largest and seed == first, grid.controls == "every" or n == largest)
             for task in recipe.tasks for seed in grid.seeds for n in grid.n_train]  # fmt: skip
 
 
@@ -42,6 +46,8 @@ def cell_recipe(recipe: ExperimentRecipe, cell: Cell) -> TaskRecipe:
     """The task recipe of one cell: the experiment's store and target, this n_train and seed."""
     base = recipe.task_recipe(cell.task)
     flat = {"selfie": cell.flat_baselines} if cell.task == "features" else {"zero_shot": cell.flat_baselines}
+    if not cell.controls:
+        flat |= {"zero_vector": False, "prompt_ablations": []}
     explainers = {role: cfg.model_copy(update={"seed": cell.seed}) for role, cfg in base.explainers.items()}
     return base.model_copy(
         update={"explainers": explainers, "eval": base.eval.model_copy(update={"n_train": cell.n_train, **flat})}

@@ -203,7 +203,8 @@ def evaluate(
         explainer = ex.Explainer.load(Path(path) / "checkpoint")
         cfg = recipe.explainers[role]
         n_train = int(json.loads((Path(path) / "checkpoint" / "explainer.json").read_text())["n_train"])
-        modes = [_mode(variant)] + (["zero_vector"] if task == "patching" and variant == "trained" else [])
+        control = task == "patching" and variant == "trained" and ev.zero_vector
+        modes = [_mode(variant)] + (["zero_vector"] if control else [])
         for mode in modes:
             qs = outcomes.queries(task, test, mode, ev.seed, with_answer=False)
             outputs[(mode, cfg.model.name)] = explainer.generate(qs, cfg.max_new_tokens, cfg.eval_batch_size)

@@ -403,10 +403,11 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
         predictions[(mode or "trained", cfg.model.name)] = explainer.generate(queries, cfg.max_new_tokens,
                                                                              cfg.eval_batch_size)  # fmt: skip
         if not mode:  # the controls and diagnostics of a trained explainer (a prompt ablation has none)
-            # R8 control: the same prompts with v = 0. Near-equal scores mean the explainer is not reading v.
-            zero = [ex.Query(np.zeros_like(q.vector), q.layer, q.text, None, q.example_id) for q in queries]
-            predictions[("zero_vector", cfg.model.name)] = explainer.generate(zero, cfg.max_new_tokens,
-                                                                                cfg.eval_batch_size)  # fmt: skip
+            if recipe.eval.zero_vector:  # R8 control: the same prompts with v = 0. Near-equal scores mean
+                # the explainer is not reading v.
+                zero = [ex.Query(np.zeros_like(q.vector), q.layer, q.text, None, q.example_id) for q in queries]
+                predictions[("zero_vector", cfg.model.name)] = explainer.generate(zero, cfg.max_new_tokens,
+                                                                                    cfg.eval_batch_size)  # fmt: skip
             if align_on:
                 sims = alignment.similarities(explainer, lambda layer, c: caches[layer].states(c), texts.tokens,
                                               recipe.cache.layers, align_on)  # fmt: skip

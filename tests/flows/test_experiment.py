@@ -42,6 +42,11 @@ def test_experiment_grid_rows_rerun_and_report(tmp_path, text_file):
     flat = con.execute("select c.task, method, count(distinct run_id) from metrics join experiment_cells c "
                        "using (run_id) where method in ('selfie', 'zero_shot') group by all order by all").fetchall()  # fmt: skip
     assert flat == [("ablation", "zero_shot", 1), ("features", "selfie", 1), ("patching", "zero_shot", 1)]
+    # the n_train-dependent controls run in the largest cell only (grid.controls = 'largest')
+    controls = con.execute("select task, method, list(distinct n_train) from metrics where method in "
+                           "('zero_vector', 'no_activation') and split = 'test' group by all order by all").fetchall()  # fmt: skip
+    assert controls == [("features", "zero_vector", [12]), ("patching", "no_activation", [12]),
+                        ("patching", "zero_vector", [12])]  # fmt: skip
     trained_n = con.execute(
         "select distinct n_train from metrics where method = 'trained' and task = 'features'"
     ).fetchall()
