@@ -38,7 +38,7 @@ from tasks.orchestration import progress_reporter, stage_task
 from tasks.patching import patching_key
 from tasks.results import Metric, Prediction, record_run, recorded
 
-STAGE_VERSION = 1  # explainer checkpoints
+STAGE_VERSION = 2  # explainer checkpoints (2: Π_ℓ for every ground-truth layer, not the train sample's)
 EVAL_VERSION = 2  # evaluation only: bumping it re-scores without retraining (2: outputs keep their ">>>.")
 OutcomeRecipe = PatchingRecipe | AblationRecipe
 
@@ -97,12 +97,19 @@ def load_rows(gt: Dataset, split: str, cap: int | None, seed: int) -> list[dict[
     return rows
 
 
-def target_dims(task: str, rows: list[dict[str, Any]]) -> tuple[int | None, int]:
-    """(d_target, target layers) read off the vectors, so imported ground truth of any target works;
-    ablation carries no vector (None: the explainer's own width, no projection)."""
+def target_dims(task: str, gt: Dataset) -> tuple[int | None, int]:
+    """(d_target, target layers) read off the ground truth, so imported ground truth of any target works;
+    ablation carries no vector (None: the explainer's own width, no projection). The layer count comes from
+    every row of both splits: a small training sample need not reach the deepest layer a test row names,
+    and Π_ℓ must exist for every ℓ the explainer will be asked about."""
     if task == "ablation":
         return None, 1
-    return len(rows[0]["intervention_vector"]), 1 + max(max(r["layer"]) for r in rows)
+    d_target, top = None, -1
+    for t in gt.iter_shards(columns=["layer", "intervention_vector"]):
+        if d_target is None and t.num_rows:
+            d_target = len(t.column("intervention_vector")[0].as_py())
+        top = max([top, *(max(layers) for layers in t.column("layer").to_pylist())])
+    return d_target, top + 1
 
 
 def _mode(variant: str) -> str:
@@ -149,7 +156,7 @@ def train_outcome_explainer(recipe: OutcomeRecipe, role: str, variant: str, prog
                                  f"{ev.max_prompt_tokens} explainer tokens", "raise it")  # fmt: skip
         return kept
 
-    d_target, n_layers = target_dims(task, rows)
+    d_target, n_layers = target_dims(task, gt)
     meta = {"role": role, "variant": variant, "task": task, "gt": gt.key}
     summary = ex.train_to_checkpoint(out, cfg, d_target, n_layers, make_queries, meta, progress)
     return {"path": str(out.path), **summary}
@@ -192,7 +199,7 @@ def evaluate(
     gt = ground_truth(recipe)
     train = load_rows(gt, "train", ev.n_train, ev.seed)
     test = load_rows(gt, "test", ev.n_test, ev.seed)
-    dims = target_dims(task, train)
+    dims = target_dims(task, gt)
     outputs: dict[tuple[str, str], list[str]] = {}  # (method, explainer model) -> one output per test row
     n_used: dict[tuple[str, str], int] = {}
     for method, texts in baselines(task, train, len(test)).items():
