@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from storage.catalog import connect_read_only
 from tests.flows.test_outcomes import tiny_ablation_recipe
@@ -108,7 +109,10 @@ def test_deployments_forms_schedule_and_parameter_validation(served):
     nightly = deps["nightly-data-efficiency"]
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
     assert nightly["global_concurrency_limit"]["limit"] == 1
-    assert nightly["parameters"]["recipe"]["grid"]["n_train"] == [32, 64, 128, 256, 512]
+    # the nightly sweep carries the full experiment recipe (five sizes on a log grid)
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "experiment_smollm2.yaml"
+    shipped = yaml.safe_load(recipe.read_text())["grid"]["n_train"]
+    assert nightly["parameters"]["recipe"]["grid"]["n_train"] == shipped == [16, 32, 64, 128, 256]
     # the form: the parameter schema carries every field's description
     schema = nightly["parameter_openapi_schema"]
     assert "recipe" in schema["properties"] and "GridConfig" in str(schema)
