@@ -104,12 +104,9 @@ def target_dims(task: str, gt: Dataset) -> tuple[int | None, int]:
     and Π_ℓ must exist for every ℓ the explainer will be asked about."""
     if task == "ablation":
         return None, 1
-    d_target, top = None, -1
-    for t in gt.iter_shards(columns=["layer", "intervention_vector"]):
-        if d_target is None and t.num_rows:
-            d_target = len(t.column("intervention_vector")[0].as_py())
-        top = max([top, *(max(layers) for layers in t.column("layer").to_pylist())])
-    return d_target, top + 1
+    first = next(gt.iter_shards(columns=["intervention_vector"]))  # one shard's vectors give the width
+    top = max(max(layers) for t in gt.iter_shards(columns=["layer"]) for layers in t.column("layer").to_pylist())
+    return len(first.column("intervention_vector")[0].as_py()), top + 1
 
 
 def _mode(variant: str) -> str:
