@@ -371,7 +371,10 @@ class Explainer(nn.Module):
     def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
         """Weights (LoRA adapter or full model), tokenizer with span tokens, Π, and the config."""
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path / "model")
+        if self.cfg.finetune == "lora":  # the span tokens resized the embedding: the adapter keeps its rows
+            self.model.save_pretrained(path / "model", save_embedding_layers=True)
+        else:
+            self.model.save_pretrained(path / "model")
         self.tokenizer.save_pretrained(path / "model")
         if self.proj is not None:
             save_file({"proj": self.proj.detach().cpu().contiguous()}, str(path / "projection.safetensors"))

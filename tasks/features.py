@@ -100,7 +100,7 @@ def build_ground_truth(recipe: FeaturesRecipe, plan: CachePlan, key: str) -> dic
 
     con = duckdb.connect()
     exemplar_files = [str(p) for p in Dataset(root, "exemplars", key).shard_files()]
-    eligible = con.execute(
+    eligible = con.sql(
         f"select layer, feature_id from read_parquet({exemplar_files}) group by all "
         f"having count(*) >= {recipe.sae.min_exemplars} order by all"
     ).to_arrow_table()

@@ -33,6 +33,29 @@ from tasks.config import ModelConfig
 T = TypeVar("T")
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter out of the CLI's one-line errors and out of the flow logs.
+
+    transformers and huggingface_hub draw a tqdm bar for every load and save ("Loading weights", "Writing model
+    shards"): on stderr it turns a one-line error into three and fills a run's log between Prefect's own progress
+    lines, which remain the progress a user watches. The FutureWarnings muted here are deprecations raised inside
+    transformers and peft by their own calls, which a user of this tool can do nothing about. Library log records
+    of level WARNING and above still print.
+    """
+    import warnings
+
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    for module in ("transformers", "peft", "accelerate"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+
+
+quiet_libraries()
+
+
 @dataclass(frozen=True)
 class GGUFModel:
     """A GGUF file inside an installed PyPI package."""

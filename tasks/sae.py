@@ -204,7 +204,7 @@ def write_exemplars(root: Path, key: str, n_exemplars: int) -> int:
     files = [str(p) for p in fa.shard_files()]
     out = Dataset(root, "exemplars", key)
     out.create({"stage": STAGE, "version": STAGE_VERSION})
-    table = duckdb.connect().execute(exemplars_sql(files, n_exemplars)).to_arrow_table()
+    table = duckdb.connect().sql(exemplars_sql(files, n_exemplars)).to_arrow_table()
     out.write_shard(0, table)
     out.mark_complete({"rows": table.num_rows})
     return table.num_rows

@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated Prefect home and store per session, tiny models, tiny corpora, config factories."""
+"""Shared fixtures: an isolated Prefect home, model cache and store per session, tiny models and corpora, configs."""
 
 import os
 import tempfile
@@ -11,6 +11,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # its INFO lines at exit hit pytest's closed capture
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Tiny models are built into this session's own cache: a first run on a fresh machine and a rerun behave alike.
+os.environ["SELFEXPLAIN_MODEL_CACHE"] = str(_SESSION_DIR / "models")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("SELFEXPLAIN_HOME", None)
 

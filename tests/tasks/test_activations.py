@@ -66,7 +66,9 @@ def test_shard_rows_hold_the_right_vectors(lm, dtype, tol):
     cfg = CacheConfig(layers=[1, 3], batch_size=2, dtype=dtype)
     table = activation_shard(lm, cfg, np.arange(100, 105), ids)
     assert table.num_rows == 2 * 5 * 9  # layers x contexts x positions 1..9
-    hidden = residual_stream(lm, torch.tensor(ids, dtype=torch.long), [1, 3])
+    # The reference runs the same batches of 2: float32 kernels may round differently at another batch shape.
+    parts = [residual_stream(lm, torch.tensor(ids[s : s + 2], dtype=torch.long), [1, 3]) for s in range(0, 5, 2)]
+    hidden = {layer: torch.cat([p[layer] for p in parts]) for layer in (1, 3)}
     rows = table.to_pylist()
     for row in (rows[0], rows[44], rows[45], rows[-1]):
         expected = hidden[row["layer"]][row["context_id"] - 100, row["position"]].numpy()
