@@ -19,6 +19,7 @@ from tasks.orchestration import ensure_gpu_limit
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_FILES = {
     "cache-activations": "cache_smollm2.yaml",
+    "calibrate": "calibrate_smollm2.yaml",
     "features": "features_smollm2.yaml",
     "patching": "patching_smollm2.yaml",
     "ablation": "ablation_smollm2.yaml",

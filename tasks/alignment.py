@@ -24,13 +24,6 @@ from tasks.corpus import context_start_id
 from tasks.simulate import mean_se
 
 
-def explainer_layer(layer: int, n_target_layers: int, n_explainer_layers: int) -> int:
-    """The explainer block at the same relative depth as target block `layer`."""
-    if n_target_layers == 1:
-        return n_explainer_layers - 1
-    return round(layer * (n_explainer_layers - 1) / (n_target_layers - 1))
-
-
 def pair_tokens(target_pieces: Sequence[str], explainer_ends: Sequence[int]) -> list[tuple[int, int]]:
     """(target index, explainer index) of the tokens that end at the same character of ''.join(target_pieces)."""
     at_end = {int(e): j for j, e in enumerate(explainer_ends)}
@@ -86,7 +79,7 @@ def similarities(
         row = {int(p): i for i, p in enumerate(positions)}
         hidden, pairs = states[context]
         keep = [(row[t], j) for t, j in pairs if t in row]
-        h_e = hidden[explainer_layer(layer, explainer.n_target_layers, n_e) + 1]  # hidden[0]: the embeddings
+        h_e = hidden[ex.explainer_layer(layer, explainer.n_target_layers, n_e) + 1]  # hidden[0]: the embeddings
         return torch.from_numpy(h_m[[i for i, _ in keep]].astype(np.float32)), h_e[[j for _, j in keep]]
 
     # Every (layer, context) pairing once: the cosines use them all, the correlations look theirs up.

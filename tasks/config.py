@@ -149,10 +149,23 @@ class ExplainerConfig(StrictModel):
     projection: Literal["auto", "always"] = Field(
         "auto", description="Per-target-layer projection: 'auto' only when widths differ, 'always' forces it."
     )
-    vector_norm: Literal["embedding", "raw"] = Field(
+    injection: Literal["embedding", "residual", "early_add"] = Field(
         "embedding",
-        description="'embedding': rescale the injected vector to the mean token-embedding norm (logged); "
-        "'raw': inject as stored (the reference's choice).",
+        description="Where u = Π_ℓ v enters the explainer. 'embedding': replaces the placeholder's input "
+        "embedding (the paper). 'residual': replaces the residual stream at the placeholder after block ℓ (for "
+        "an explainer of another depth, the block at the same relative depth), where the target's own upper "
+        "layers read a layer-ℓ state. 'early_add': adds unit(u) x |h| x inject_scale to the residual h at the "
+        "placeholder after block inject_layer (Activation Oracles), so u arrives at the norm the stream has.",
+    )
+    inject_layer: int = Field(1, ge=0, description="early_add only: the explainer block after which u is added.")
+    inject_scale: float = Field(1.0, gt=0, description="early_add only: the added vector's norm relative to |h|.")
+    vector_norm: Literal["match", "raw"] = Field(
+        "match",
+        description="'match': rescale u to the norm the explainer carries where it enters (the mean token-"
+        "embedding norm under 'embedding', the median residual norm of the prompt at that block under "
+        "'residual'), so vectors of any source (unit SAE directions, raw activations) arrive at its scale; "
+        "'raw': inject as given (a target residual written raw under 'residual' is the target's own state). "
+        "'early_add' always matches |h|.",
     )
     finetune: Literal["lora", "full"] = Field("lora", description="LoRA via peft, or full fine-tuning.")
     lora_r: int = Field(16, gt=0, description="LoRA rank.")
@@ -161,7 +174,25 @@ class ExplainerConfig(StrictModel):
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate (constant, no warm-up).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(16, gt=0, description="Examples per step.")
-    epochs: int = Field(3, gt=0, description="Maximum passes over the training set (early stop on val loss).")
+    epochs: int = Field(
+        3, gt=0, description="Passes over the training set: the step budget before min_steps and max_steps."
+    )
+    min_steps: int = Field(
+        0,
+        ge=0,
+        description="Floor on optimizer steps: a small training set gets more epochs, and early stopping waits "
+        "for it (a data-efficiency point that is under-trained measures the step count, not the data).",
+    )
+    max_steps: int | None = Field(None, gt=0, description="Cap on optimizer steps; null: no cap.")
+    eval_every: int | None = Field(
+        None, gt=0, description="Steps between validations (and resume points); null: once per epoch."
+    )
+    patience: int = Field(
+        0, ge=0, description="Validations in a row without a new best that stop training (after min_steps)."
+    )
+    proj_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the projections Π_ℓ; null: lr. New, so often worth more than lr."
+    )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Training examples held out for early stopping.")
     max_new_tokens: int = Field(20, gt=0, description="Greedy decoding length (the paper's 20 for features).")
     seed: int = Field(0, description="Seed of shuffling, template sampling and initialisation.")
@@ -230,7 +261,13 @@ class FeatureEvalConfig(StrictModel):
         25, ge=0, description="ACT out-of-distribution vectors per layer (residual vectors at sampled tokens)."
     )
     selfie_scales: list[float] = Field(
-        [1, 5, 10, 25, 50], min_length=1, description="SelfIE: scales of the unit vector; best of them per item."
+        [1, 5, 10, 25, 50],
+        min_length=1,
+        description="SelfIE: scales of the unit vector. Method selfie uses the one scale that scores best on "
+        "selfie_select training features; selfie_best_of_scales takes each test item's best (an upper bound).",
+    )
+    selfie_select: int = Field(
+        40, gt=0, description="SelfIE: training features (a seeded sample) on which its one scale is chosen."
     )
     selfie_max_new_tokens: int = Field(25, gt=0, description="SelfIE decoding length (the paper's 25).")
     embedding_similarity: bool = Field(
@@ -260,8 +297,10 @@ class FeatureEvalConfig(StrictModel):
         "drops the layer number.",
     )
     ablation_roles: list[str] = Field(["self"], description="Roles that get the prompt-ablation explainers.")
-    zero_vector: bool = Field(
-        True, description="Also decode each trained explainer with v = 0 (does it read v at all?)."
+    vector_controls: bool = Field(
+        True,
+        description="Also decode each trained explainer with v = 0 (method zero_vector) and with the vector of "
+        "another held-out item of the same layer and split (shuffled_vector): does it read v at all?",
     )
     alignment_contexts: int = Field(
         32,
@@ -302,20 +341,31 @@ class OutcomeEvalConfig(StrictModel):
         "'- activation', '- layer', '- token'), each evaluated as its own method.",
     )
     ablation_roles: list[str] = Field(["self"], description="Roles that get the prompt-ablation explainers.")
-    zero_vector: bool = Field(
-        True, description="Patching only: also decode each trained explainer with v = 0 (does it read v at all?)."
+    vector_controls: bool = Field(
+        True,
+        description="Patching only: also decode each trained explainer with v = 0 (method zero_vector) and with "
+        "the vector of another test row of the same chunk (shuffled_vector): does it read v at all?",
     )
     zero_shot: bool = Field(True, description="Also score each explainer's untrained model with the paper's prompt.")
     seed: int = Field(0, description="Seed of the train/test samples and of template choice at evaluation.")
 
 
-class FeaturesRecipe(StrictModel):
-    """Recipe of the features flow: SAE ground truth, labels, explainers, baselines, evaluation."""
+class _CachedRecipe(StrictModel):
+    """What the recipes that start from the target's activation cache share: store, target, corpus, cache."""
 
     home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
     target: ModelConfig = Field(default_factory=ModelConfig, description="The frozen target model.")
-    corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="Text whose activations train the SAEs.")
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="Text whose activations are cached.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Layers and positions cached.")
+
+    def cache_recipe(self) -> CacheRecipe:
+        """The cache-activations recipe the flow runs first (same store, model, corpus, cache)."""
+        return CacheRecipe(home=self.home, model=self.target, corpus=self.corpus, cache=self.cache)
+
+
+class FeaturesRecipe(_CachedRecipe):
+    """Recipe of the features flow: SAE ground truth, labels, explainers, baselines, evaluation."""
+
     sae: SAETrainConfig = Field(default_factory=SAETrainConfig, description="SAE training or loading.")
     labels: LabelConfig = Field(default_factory=LabelConfig, description="Ground-truth labeler.")
     explainers: dict[str, ExplainerConfig] = Field(
@@ -323,10 +373,6 @@ class FeaturesRecipe(StrictModel):
         description="Trained explainers by role; 'self' should start from the target's weights.",
     )
     eval: FeatureEvalConfig = Field(default_factory=FeatureEvalConfig, description="Evaluation settings.")
-
-    def cache_recipe(self) -> CacheRecipe:
-        """The cache-activations recipe this flow runs first (same store, model, corpus, cache)."""
-        return CacheRecipe(home=self.home, model=self.target, corpus=self.corpus, cache=self.cache)
 
 
 class _OutcomeRecipe(StrictModel):
@@ -427,7 +473,48 @@ class ExperimentRecipe(StrictModel):
         return getattr(self, task).model_copy(update={"home": self.home, "target": self.target})
 
 
+class CalibrationConfig(StrictModel):
+    """The readout calibration: the target's residual of a token t at layer ℓ -> `the token "t"`."""
+
+    injections: list[Literal["embedding", "residual", "early_add"]] = Field(
+        ["embedding", "residual", "early_add"],
+        min_length=1,
+        description="Injection modes measured, each a trained explainer of its own (explainer.injection is "
+        "replaced by each in turn).",
+    )
+    n_train: int = Field(2400, gt=0, description="Training examples, spread evenly over the cached layers.")
+    n_test: int = Field(150, gt=0, description="Held-out test tokens per layer (distinct token types).")
+    split: Literal["types", "occurrences"] = Field(
+        "types",
+        description="'types': held-out token types, never trained on (naming a token it never learned to name "
+        "is what reading v means); 'occurrences': held-out occurrences of trained types (reading v to tell "
+        "known tokens apart, for models too small to generalise).",
+    )
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="split 'types': share of token types held out, none ever trained on."
+    )
+    max_token_chars: int = Field(24, gt=0, description="Longest token text that is named (longer ones are skipped).")
+    seed: int = Field(0, description="Seed of the type split, the sampling and the shuffled-v control.")
+
+
+class CalibrateRecipe(_CachedRecipe):
+    """Recipe of the calibrate flow: can the explainer read a residual at all, under each injection mode?"""
+
+    corpus: CorpusConfig = Field(
+        default_factory=lambda: CorpusConfig(n_tokens=50_000), description="Text whose residuals are named."
+    )
+    cache: CacheConfig = Field(
+        default_factory=lambda: CacheConfig(layers=[3, 15]), description="Layers (and positions) read."
+    )
+    explainer: ExplainerConfig = Field(
+        default_factory=lambda: _self_explainer(min_steps=150, max_steps=150, lr=1e-3, max_new_tokens=12),
+        description="The explainer (the target's own weights for self-explanation) and its training.",
+    )
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="Items and modes.")
+
+
 RECIPES: dict[str, type[StrictModel]] = {
+    "calibrate": CalibrateRecipe,
     "cache-activations": CacheRecipe,
     "features": FeaturesRecipe,
     "patching": PatchingRecipe,

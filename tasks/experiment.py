@@ -47,7 +47,7 @@ def cell_recipe(recipe: ExperimentRecipe, cell: Cell) -> TaskRecipe:
     base = recipe.task_recipe(cell.task)
     flat = {"selfie": cell.flat_baselines} if cell.task == "features" else {"zero_shot": cell.flat_baselines}
     if not cell.controls:
-        flat |= {"zero_vector": False, "prompt_ablations": []}
+        flat |= {"vector_controls": False, "prompt_ablations": []}
     explainers = {role: cfg.model_copy(update={"seed": cell.seed}) for role, cfg in base.explainers.items()}
     return base.model_copy(
         update={"explainers": explainers, "eval": base.eval.model_copy(update={"n_train": cell.n_train, **flat})}

@@ -10,6 +10,7 @@ token string.
 Evaluate on the test split (a seeded `n_test` sample), every method on the same rows:
   trained        the fine-tuned explainer
   zero_vector    patching: the trained explainer, same prompts, v = 0 (does it read v at all?)
+  shuffled_vector  patching: the same, with the vector of another test row of the same chunk
   no_activation  patching: the explainer trained without v (no_layer, no_token likewise)
   zero_shot      the explainer's untrained model with the paper's baseline prompt (App. H.2 / H.3)
   majority       the most frequent target sentence of the train rows
@@ -18,7 +19,6 @@ Metrics (tasks.outcomes.score): exact_match, has_changed_f1, content_match with 
 strict_exact_match (whole-string, to compare with the paper's untrained rows), and exact_match per gold class.
 """
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,7 +38,7 @@ from tasks.orchestration import progress_reporter, stage_task
 from tasks.patching import patching_key
 from tasks.results import Metric, Prediction, record_run, recorded
 
-STAGE_VERSION = 2  # explainer checkpoints (2: Π_ℓ for every ground-truth layer, not the train sample's)
+STAGE_VERSION = 3  # explainer checkpoints (2: Π_ℓ for every ground-truth layer; 3: they record their steps)
 EVAL_VERSION = 2  # evaluation only: bumping it re-scores without retraining (2: outputs keep their ">>>.")
 OutcomeRecipe = PatchingRecipe | AblationRecipe
 
@@ -198,6 +198,7 @@ def evaluate(
     test = load_rows(gt, "test", ev.n_test, ev.seed)
     dims = target_dims(task, gt)
     outputs: dict[tuple[str, str], list[str]] = {}  # (method, explainer model) -> one output per test row
+    steps: list[Metric] = []  # the optimizer steps of every trained explainer, reported with its results
     n_used: dict[tuple[str, str], int] = {}
     for method, texts in baselines(task, train, len(test)).items():
         outputs[(method, "")] = texts
@@ -206,9 +207,12 @@ def evaluate(
         role, variant = name.split("/")
         explainer = ex.Explainer.load(Path(path) / "checkpoint")
         cfg = recipe.explainers[role]
-        n_train = int(json.loads((Path(path) / "checkpoint" / "explainer.json").read_text())["n_train"])
-        control = task == "patching" and variant == "trained" and ev.zero_vector
-        modes = [_mode(variant)] + (["zero_vector"] if control else [])
+        meta = ex.Explainer.meta(Path(path) / "checkpoint")
+        n_train = int(meta["n_train"])
+        steps.append(Metric(run_id, task, recipe.target.name, cfg.model.name, _mode(variant), n_train, ev.seed,
+                            "train", "train_steps", float(meta["steps"]), 0.0, n_train))  # fmt: skip
+        control = task == "patching" and variant == "trained" and ev.vector_controls
+        modes = [_mode(variant)] + (["zero_vector", "shuffled_vector"] if control else [])
         for mode in modes:
             qs = outcomes.queries(task, test, mode, ev.seed, with_answer=False)
             outputs[(mode, cfg.model.name)] = explainer.generate(qs, cfg.max_new_tokens, cfg.eval_batch_size)
@@ -225,7 +229,7 @@ def evaluate(
     references = [outcomes.target(*g) for g in gold]
     changed = np.array([g[0] for g in gold])
     ids = [outcomes.example_id(task, r) for r in test]
-    metrics, predictions = [], []
+    metrics, predictions = steps, []
     for (method, model), texts in outputs.items():
         m = dict(run_id=run_id, task=task, target_model=recipe.target.name, explainer_model=model, method=method,
                  n_train=n_used[(method, model)], seed=ev.seed)  # fmt: skip

@@ -1,14 +1,22 @@
-"""The continuous-token explainer: an LM that reads a vector through a placeholder embedding and explains it.
+"""The continuous-token explainer: an LM that reads a vector through a placeholder token and explains it.
 
-The prompt carries the span ``[s] [v] [e]`` (three special tokens). Before the decoder runs, the input
-embedding at the payload token ``[v]`` is *replaced* by u = Π_ℓ v (or v itself when the explainer and the
-target share a width), ℓ being the target layer the vector came from. The replacement builds a new tensor
-with torch.where, so it cannot be lost to an out-of-place op whose result is discarded (PAPER.md R7, R9).
+The prompt carries the span ``[s] [v] [e]`` (three special tokens). The vector v from target layer ℓ becomes
+u = Π_ℓ v (v itself when the explainer and the target share a width) and enters at the payload token ``[v]``
+in one of three ways (`injection`):
 
-Convention (R10): what enters block 0 at the payload is u. Gemma multiplies token embeddings by √d inside
-its embedding module; inputs_embeds bypass that module, so u is not scaled again. With vector_norm
-'embedding' u is rescaled to the mean norm of the embedding module's outputs, so vectors of any source
-(unit SAE directions, raw activations, differences) arrive at the scale the model expects.
+- 'embedding' (the paper): u *replaces* the payload's input embedding. The replacement builds a new tensor with
+  torch.where, so it cannot be lost to an out-of-place op whose result is discarded (PAPER.md R7, R9). What
+  enters block 0 is u (R10): Gemma multiplies token embeddings by √d inside its embedding module, and
+  inputs_embeds bypass that module, so u is not scaled again. With vector_norm 'match' u is rescaled to the
+  mean norm of the embedding module's outputs.
+- 'residual': u replaces the residual stream at the payload after block ℓ (SelfIE and Patchscopes inject inside
+  the stack). A self explainer then reads its own layer-ℓ state where its own upper layers expect one: a
+  residual is not in the basis of token embeddings, and block 0 cannot read it there.
+- 'early_add': unit(u) · |h| · c is added to the residual h at the payload after an early block (Activation
+  Oracles), so the vector arrives at the norm the stream already has.
+
+Under the last two a forward hook writes u during the forward that holds the payload; decoding reads it from
+the KV cache like any other position.
 
 Loss (R1-R4): prompt and answer are tokenised separately and concatenated; labels are -100 on the prompt;
 the answer ends with EOS (end of turn for chat explainers), which is trained on; the loss is the mean
@@ -16,12 +24,13 @@ cross-entropy over answer tokens. Base templates end in a space: we move it onto
 generation prefix equals the training prefix token for token.
 """
 
+import contextlib
 import json
 import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +115,29 @@ def feature_queries(
     return out
 
 
+def explainer_layer(layer: int, n_target_layers: int, n_explainer_layers: int) -> int:
+    """The explainer block at the same relative depth as target block `layer` (itself for equal depths)."""
+    if n_target_layers == 1:
+        return n_explainer_layers - 1
+    return round(layer * (n_explainer_layers - 1) / (n_target_layers - 1))
+
+
+def shuffled_donors(groups: Sequence[Hashable], seed: int) -> list[int]:
+    """The shuffled-v control: for each item, the index of another item of its group (same target layer, same
+    split) whose vector it is asked about instead; a seeded cycle through each group, so no item keeps its own
+    vector (a group of one does)."""
+    donor = list(range(len(groups)))
+    rng = np.random.default_rng(seed)
+    members: dict[Hashable, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    for g in sorted(members, key=str):
+        idx = [members[g][j] for j in rng.permutation(len(members[g]))]
+        for a, b in zip(idx, idx[1:] + idx[:1], strict=True):
+            donor[a] = b
+    return donor
+
+
 class Explainer(nn.Module):
     """An LM (possibly peft-wrapped) plus the projections Π_ℓ and the placeholder mechanism."""
 
@@ -171,6 +203,33 @@ class Explainer(nn.Module):
 
     # -- the mechanism --------------------------------------------------------------------------------------
 
+    def project(self, vectors: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        """u = Π_ℓ v [B, d_E] (v itself without Π) from vectors [B, d_M] (float32, as stored) and layers [B]."""
+        u = vectors.float()
+        if self.proj is not None:
+            u = torch.einsum("bed,bd->be", self.proj[layers.to(self.proj.device)].float(), u.to(self.proj.device))
+        return u
+
+    def injection_sites(self, layers: torch.Tensor) -> torch.Tensor:
+        """[B]: the explainer block after which each row's vector enters the residual stream. 'residual': the
+        block at the relative depth of target layer ℓ (`explainer_layer`, as the alignment diagnostics pair
+        layers); 'early_add': inject_layer for every row."""
+        n_blocks = self.lm.n_layers
+        if self.cfg.injection == "early_add":
+            return torch.full_like(layers, min(self.cfg.inject_layer, n_blocks - 1))
+        depth = [explainer_layer(int(layer), self.n_target_layers, n_blocks) for layer in layers.tolist()]
+        return torch.tensor(depth, dtype=torch.long, device=layers.device)
+
+    def _payload_mask(self, input_ids: torch.Tensor, n_payloads: torch.Tensor | None) -> torch.Tensor:
+        """[B, T] bool: where the placeholder sits; each row must hold n_payloads of them (R12)."""
+        is_payload = input_ids == self.payload_id
+        counts = is_payload.sum(dim=1)
+        if n_payloads is None:
+            n_payloads = torch.full_like(counts, self.payloads_per_query)
+        if not bool((counts == n_payloads.to(counts.device)).all()):  # R12: payloads survived tokenisation
+            raise ValueError(f"expected {n_payloads.tolist()} payload token(s) per row, got {counts.tolist()}")
+        return is_payload
+
     def inject(
         self,
         input_ids: torch.Tensor,
@@ -178,24 +237,60 @@ class Explainer(nn.Module):
         layers: torch.Tensor,
         n_payloads: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """inputs_embeds [B, T, d_E]: token embeddings with the payload row replaced by u = Π_ℓ v.
+        """inputs_embeds [B, T, d_E]: token embeddings; under injection 'embedding' the payload row is u.
 
         input_ids [B, T]; vectors [B, d_M] (float32, as stored); layers [B] (target layer indices);
         n_payloads [B]: payload tokens each row must hold (0 for text-only rows; default payloads_per_query).
         """
         embeds = self.model.get_input_embeddings()(input_ids)  # [B, T, d_E]
-        is_payload = input_ids == self.payload_id  # [B, T]
-        counts = is_payload.sum(dim=1)
-        if n_payloads is None:
-            n_payloads = torch.full_like(counts, self.payloads_per_query)
-        if not bool((counts == n_payloads.to(counts.device)).all()):  # R12: payloads survived tokenisation
-            raise ValueError(f"expected {n_payloads.tolist()} payload token(s) per row, got {counts.tolist()}")
-        u = vectors.to(device=embeds.device, dtype=torch.float32)  # [B, d_M]
-        if self.proj is not None:
-            u = torch.einsum("bed,bd->be", self.proj[layers.to(self.proj.device)].float(), u)  # [B, d_E]
-        if self.cfg.vector_norm == "embedding":
+        is_payload = self._payload_mask(input_ids, n_payloads)
+        if self.cfg.injection != "embedding":
+            return embeds
+        u = self.project(vectors.to(embeds.device), layers)  # [B, d_E]
+        if self.cfg.vector_norm == "match":
             u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.embedding_norm
         return torch.where(is_payload.unsqueeze(-1), u.unsqueeze(1).to(embeds.dtype), embeds)
+
+    @contextlib.contextmanager
+    def injecting(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vectors: torch.Tensor, layers: torch.Tensor
+    ) -> Iterator[None]:
+        """While the body runs a forward over `input_ids`, hooks write u into the residual stream at the payload
+        (injections 'residual' and 'early_add'; nothing under 'embedding'). Only a forward that holds the payload
+        needs it: decode steps read the payload's keys and values from the KV cache."""
+        if self.cfg.injection == "embedding":
+            yield
+            return
+        is_payload = input_ids == self.payload_id  # [B, T]
+        u = self.project(vectors.to(input_ids.device), layers)  # [B, d_E]
+        unit = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # [B, d_E]; v = 0 stays 0
+        sites = self.injection_sites(layers.to(input_ids.device))  # [B]
+        others = attention_mask.bool() & ~is_payload  # [B, T]: the prompt's real tokens
+
+        def hook(block: int) -> Callable[..., Any]:
+            def write(module: nn.Module, args: Any, output: Any) -> Any:
+                h = output[0] if isinstance(output, tuple) else output  # [B, T, d_E]
+                at = (is_payload & (sites == block)[:, None]).unsqueeze(-1)  # [B, T, 1]
+                if self.cfg.injection == "early_add":
+                    new = h + unit[:, None].to(h.dtype) * h.norm(dim=-1, keepdim=True) * self.cfg.inject_scale
+                elif self.cfg.vector_norm == "match":  # the prompt's median norm here: robust to the sink token
+                    norms = torch.where(others, h.float().norm(dim=-1), torch.nan)  # [B, T]
+                    new = (unit * norms.nanmedian(dim=1).values[:, None])[:, None].to(h.dtype)  # [B, 1, d_E]
+                else:
+                    new = u[:, None].to(h.dtype)
+                h = torch.where(at, new, h)
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+
+            return write
+
+        blocks = models.decoder_layers(self.lm.model)
+        # prepend: the written state is the block's output, as every other hook on the block sees it
+        handles = [blocks[b].register_forward_hook(hook(b), prepend=True) for b in sorted(set(sites.tolist()))]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def forward(
         self,
@@ -207,7 +302,7 @@ class Explainer(nn.Module):
         logits_to_keep: int = 0,
     ) -> Any:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left or right padding alike
-        with self.lm.runtime.autocast_context():
+        with self.lm.runtime.autocast_context(), self.injecting(input_ids, attention_mask, vectors, layers):
             return self.model(
                 inputs_embeds=self.inject(input_ids, vectors, layers, n_payloads),
                 attention_mask=attention_mask,
@@ -324,13 +419,14 @@ class Explainer(nn.Module):
                 if past is None or not use_cache:
                     full_ids = torch.cat([ids, new], dim=1)
                     full_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
-                    out = self.model(
-                        inputs_embeds=self.inject(full_ids, b["vectors"], b["layers"], b["n_payloads"]),
-                        attention_mask=full_mask,
-                        position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0),
-                        use_cache=use_cache,
-                        logits_to_keep=1,
-                    )
+                    with self.injecting(full_ids, full_mask, b["vectors"], b["layers"]):
+                        out = self.model(
+                            inputs_embeds=self.inject(full_ids, b["vectors"], b["layers"], b["n_payloads"]),
+                            attention_mask=full_mask,
+                            position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0),
+                            use_cache=use_cache,
+                            logits_to_keep=1,
+                        )
                 else:  # decode step: only the new token, the payload already sits in the cache
                     full_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
                     out = self.model(
@@ -388,10 +484,15 @@ class Explainer(nn.Module):
         }
         (path / "explainer.json").write_text(json.dumps(meta, indent=1))
 
+    @staticmethod
+    def meta(path: Path) -> dict[str, Any]:
+        """What a checkpoint records beside its weights: config, widths, base model, n_train, optimizer steps."""
+        return json.loads((path / "explainer.json").read_text())
+
     @classmethod
     def load(cls, path: Path, device_override: str | None = None) -> "Explainer":
         """Rebuild an explainer saved with `save`."""
-        meta = json.loads((path / "explainer.json").read_text())
+        meta = cls.meta(path)
         cfg = ExplainerConfig.model_validate(meta["config"])
         if device_override:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device_override})})
@@ -430,11 +531,12 @@ def _cut(text: str) -> str:
 
 @dataclass
 class TrainResult:
-    """What a training run did, for the `runs`/`metrics` tables."""
+    """What a training run did, for the `runs`/`metrics` tables; the losses are per validation point."""
 
     steps: int
     epochs_run: int
-    best_epoch: int
+    best_step: int
+    val_steps: list[int]  # the step of each validation point
     train_loss: list[float]
     val_loss: list[float]
     tokens_per_s: float
@@ -454,6 +556,16 @@ def batches(items: Sequence[Query], size: int, rng: random.Random) -> Iterator[l
         yield [items[i] for i in b]
 
 
+def step_budget(cfg: ExplainerConfig, n_train: int) -> tuple[int, int]:
+    """(optimizer steps, steps between validations) for `n_train` examples: `epochs` passes, raised to
+    `min_steps` (a small training set gets more epochs) and capped at `max_steps`."""
+    per_epoch = -(-n_train // cfg.batch_size)
+    total = max(cfg.epochs * per_epoch, cfg.min_steps)
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    return total, cfg.eval_every or per_epoch
+
+
 def train(
     explainer: Explainer,
     train_set: Sequence[Query],
@@ -461,73 +573,92 @@ def train(
     progress=None,
     state_path: Path | None = None,
 ) -> TrainResult:
-    """AdamW at a constant LR; keeps the weights of the epoch with the best validation loss (early stop).
+    """AdamW at a constant LR for `step_budget` steps; validation every `eval_every` steps (each epoch by
+    default). Once past `min_steps`, `patience` validations in a row without a new best stop the run; the
+    weights of the best validation are kept.
 
-    With `state_path`, the loop saves its whole state after every epoch (trainable weights, optimiser, data-
-    order and torch RNGs, losses, the best epoch's weights) and a restarted run resumes after the last saved
-    epoch: a killed run repeats at most one epoch, and reaches the same weights as an uninterrupted one.
+    With `state_path`, the loop saves its whole state at every validation (trainable weights, optimiser, the
+    data order of the current epoch and the torch RNG, losses, the best weights) and a restarted run resumes
+    from there: a killed run repeats at most `eval_every` steps, and reaches the same weights as an
+    uninterrupted one.
     """
     cfg = explainer.cfg
     if not train_set:
         raise UserInputError("explainer", "no training examples", "give the stage more ground truth")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    params = [p for p in explainer.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log: dict[str, Any] = {"epoch": 0, "train_losses": [], "val_losses": [], "best": float("inf"), "best_epoch": 0,
-                           "best_state": None, "steps": 0, "n_tokens": 0, "stopped": False}  # fmt: skip
+    total, eval_every = step_budget(cfg, len(train_set))
+    proj = [p for p in ([explainer.proj] if explainer.proj is not None else []) if p.requires_grad]
+    rest = [p for p in explainer.parameters() if p.requires_grad and all(p is not q for q in proj)]
+    groups = [{"params": rest}] + ([{"params": proj, "lr": cfg.proj_lr or cfg.lr}] if proj else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log: dict[str, Any] = {"epoch": 0, "epoch_step": 0, "epoch_rng": rng.getstate(), "train_losses": [],
+                           "train_steps": [], "val_losses": [], "best": float("inf"), "best_step": 0, "best_state": None, "steps": 0,
+                           "n_tokens": 0, "since_best": 0, "stopped": False, "running": 0.0}  # fmt: skip
     if state_path is not None and state_path.exists():
         saved = torch.load(state_path, weights_only=False)
         explainer.load_state_dict({**explainer.state_dict(), **saved["weights"]})
         opt.load_state_dict(saved["optimizer"])
-        rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch_rng"])
         log = saved["log"]
     t0 = time.perf_counter()
-    n_batches = -(-len(train_set) // cfg.batch_size)
-    for epoch in range(log["epoch"], 0 if log["stopped"] else cfg.epochs):
-        explainer.model.train()
-        total = 0.0
-        for i, qs in enumerate(batches(train_set, cfg.batch_size, rng)):
+    explainer.model.train()
+    while log["steps"] < total and not log["stopped"]:
+        rng.setstate(log["epoch_rng"])  # the epoch's order, drawn again: a resumed run continues it
+        epoch = list(batches(train_set, cfg.batch_size, rng))
+        for qs in epoch[log["epoch_step"] :]:
             batch = explainer.collate(qs, train=True)
             loss = explainer.loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item()
+            log["running"] += loss.item()
             log["steps"] += 1
+            log["epoch_step"] += 1
             log["n_tokens"] += int(batch["attention_mask"].sum())
             if progress:
-                progress(
-                    (epoch * n_batches + i + 1) / (cfg.epochs * n_batches), f"epoch {epoch} loss {loss.item():.3f}"
-                )
-        log["train_losses"].append(total / n_batches)
-        val = evaluate_loss(explainer, val_set) if val_set else log["train_losses"][-1]
-        log["val_losses"].append(val)
-        log["epoch"] = epoch + 1
-        if val < log["best"]:
-            log["best"], log["best_epoch"] = val, epoch
-            log["best_state"] = {k: v.detach().clone() for k, v in explainer.state_dict().items()
-                                 if _trainable(explainer, k)}  # fmt: skip
-        elif val_set:
-            log["stopped"] = True  # validation loss rose: stop, keep the best epoch
-        if state_path is not None:
-            _save_train_state(state_path, explainer, opt, rng, log)
-        if log["stopped"]:
-            break
+                progress(log["steps"] / total, f"epoch {log['epoch']} step {log['steps']} loss {loss.item():.3f}")
+            if log["epoch_step"] == len(epoch):  # the next epoch's order starts from here
+                log["epoch"], log["epoch_step"], log["epoch_rng"] = log["epoch"] + 1, 0, rng.getstate()
+            if log["steps"] % eval_every == 0 or log["steps"] == total:
+                _validate(explainer, val_set, log, cfg.min_steps, cfg.patience)
+                if state_path is not None:
+                    _save_train_state(state_path, explainer, opt, log)
+                explainer.model.train()
+            if log["steps"] == total or log["stopped"] or log["epoch_step"] == 0:
+                break
     if log["best_state"] is not None:
         explainer.load_state_dict({**explainer.state_dict(), **log["best_state"]})
     explainer.model.eval()
-    return TrainResult(log["steps"], len(log["train_losses"]), log["best_epoch"], log["train_losses"],
-                       log["val_losses"], log["n_tokens"] / max(time.perf_counter() - t0, 1e-9))  # fmt: skip
+    epochs_run = log["epoch"] + (log["epoch_step"] > 0)
+    return TrainResult(log["steps"], epochs_run, log["best_step"], log["train_steps"], log["train_losses"],
+                       log["val_losses"],
+                       log["n_tokens"] / max(time.perf_counter() - t0, 1e-9))  # fmt: skip
 
 
-def _save_train_state(path: Path, explainer: Explainer, opt: torch.optim.Optimizer, rng: random.Random,
-                      log: dict[str, Any]) -> None:  # fmt: skip
+def _validate(explainer: Explainer, val_set: Sequence[Query], log: dict[str, Any], min_steps: int,
+              patience: int) -> None:  # fmt: skip
+    """One validation point: record the losses, keep the best weights, decide whether to stop."""
+    since = log["steps"] - (log["train_steps"][-1] if log["train_steps"] else 0)
+    log["train_steps"].append(log["steps"])
+    log["train_losses"].append(log["running"] / max(since, 1))
+    log["running"] = 0.0
+    val = evaluate_loss(explainer, val_set) if val_set else log["train_losses"][-1]
+    log["val_losses"].append(val)
+    if val < log["best"]:
+        log["best"], log["best_step"], log["since_best"] = val, log["steps"], 0
+        log["best_state"] = {k: v.detach().clone() for k, v in explainer.state_dict().items()
+                             if _trainable(explainer, k)}  # fmt: skip
+    elif val_set:
+        log["since_best"] += 1
+        log["stopped"] = log["steps"] >= min_steps and log["since_best"] > patience
+
+
+def _save_train_state(path: Path, explainer: Explainer, opt: torch.optim.Optimizer, log: dict[str, Any]) -> None:
     weights = {k: v.detach().clone() for k, v in explainer.state_dict().items() if _trainable(explainer, k)}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"weights": weights, "optimizer": opt.state_dict(), "rng": rng.getstate(),
-                "torch_rng": torch.get_rng_state(), "log": log}, tmp)  # fmt: skip
+    torch.save({"weights": weights, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "log": log},
+               tmp)  # fmt: skip
     tmp.replace(path)
 
 
@@ -565,16 +696,16 @@ def train_to_checkpoint(
     order = np.random.default_rng(cfg.seed).permutation(len(queries))
     n_val = int(round(cfg.val_fraction * len(queries)))
     out.create({"stage": "explainer", "config": cfg.model_dump(), **meta})
-    state = out.path / "_train_state.pt"  # per-epoch resume point; removed once the checkpoint is written
+    state = out.path / "_train_state.pt"  # resume point at each validation; removed once the checkpoint is written
     result = train(explainer, [queries[i] for i in order[n_val:]], [queries[i] for i in order[:n_val]], progress,
                    state)  # fmt: skip
-    explainer.save(out.path / "checkpoint", {**meta, "n_train": len(queries)})
-    n = result.epochs_run
+    explainer.save(out.path / "checkpoint", {**meta, "n_train": len(queries), "steps": result.steps})
+    n = len(result.val_steps)
     out.write_shard(0, pa.table({"role": [meta.get("role", "")] * n, "explainer_model": [cfg.model.name] * n,
-                                 "epoch": list(range(n)), "train_loss": result.train_loss,
+                                 "step": result.val_steps, "train_loss": result.train_loss,
                                  "val_loss": result.val_loss}))  # fmt: skip
-    summary = {**meta, "n_train": len(queries), "best_epoch": result.best_epoch, "steps": result.steps,
-               "tokens_per_s": result.tokens_per_s, "model": cfg.model.name}  # fmt: skip
+    summary = {**meta, "n_train": len(queries), "best_step": result.best_step, "steps": result.steps,
+               "epochs": result.epochs_run, "tokens_per_s": result.tokens_per_s, "model": cfg.model.name}  # fmt: skip
     out.mark_complete(summary)
     state.unlink(missing_ok=True)
     return summary

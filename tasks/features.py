@@ -36,8 +36,8 @@ from tasks.sae import layer_activations, write_exemplars, write_sae_layer
 from tasks.simulate import JUDGE_PROMPT, LMSimulator, SentenceEmbedder, judge_rating, mean_se, simulator_score
 
 STAGE = "features"
-STAGE_VERSION = 1  # ground truth and explainer checkpoints
-EVAL_VERSION = 3  # evaluation only: bumping it re-scores without retraining (3: alignment diagnostics)
+STAGE_VERSION = 2  # ground truth and explainer checkpoints (2: an SAE seed per layer)
+EVAL_VERSION = 4  # evaluation only: bumping it re-scores without retraining (4: shuffled v, escaped quotes)
 SELFIE_USER = "Briefly define the word '{x}'."
 SELFIE_PREFIX = "The meaning of the word '{x}' is "
 SELFIE_BASE = "What is the meaning of the word '{x}'? The meaning of the word '{x}' is "
@@ -211,6 +211,15 @@ def load_feature_set(root: Path, key: str) -> FeatureSet:
     )  # fmt: skip
 
 
+UNTRAINED = ("selfie", "selfie_best_of_scales", "gold")  # methods that use no training features
+
+
+def grid_seed(recipe: FeaturesRecipe) -> int:
+    """The seed of this run's explainers (the experiment grid's seed; the self explainer's when they differ):
+    nearest neighbour draws the same training subset, and every metrics row carries it."""
+    return recipe.explainers.get("self", next(iter(recipe.explainers.values()))).seed
+
+
 def training_subset(fs: FeatureSet, n_train: int | None, seed: int) -> FeatureSet:
     train = fs.take(fs.split == "train")
     if n_train is not None and n_train > len(train.layer):
@@ -329,7 +338,8 @@ def score_items(
 def selfie_descriptions(target: ModelConfig, items: list[EvalItem], scales: list[float], cfg: ExplainerConfig,
                         max_new_tokens: int, d_target: int, n_layers: int) -> dict[float, list[str]]:  # fmt: skip
     """SelfIE, untrained: v/|v| x scale written over both placeholders of the definition prompt (§3.7)."""
-    base_cfg = cfg.model_copy(update={"model": target, "finetune": "full", "vector_norm": "raw", "projection": "auto"})
+    base_cfg = cfg.model_copy(update={"model": target, "finetune": "full", "vector_norm": "raw", "projection": "auto",
+                                     "injection": "embedding"})  # fmt: skip
     selfie = ex.Explainer(models.load(target), d_target, n_layers, base_cfg)
     selfie.payloads_per_query = 2
     x = ex.SPAN_TOKENS[1]
@@ -364,7 +374,8 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
     """Score every method on the held-out features (split test) and the ACT set (split ood_act)."""
     root = Path(plan.home)
     fs = load_feature_set(root, gt_key)
-    train = training_subset(fs, recipe.eval.n_train, recipe.sae.seed)
+    seed = grid_seed(recipe)
+    train = training_subset(fs, recipe.eval.n_train, seed)  # the explainers' own subset
     test = fs.take(fs.split == "test")
     tokenizer = models.load_tokenizer(recipe.target)
     texts = ContextTexts(root, plan.tokens_key, tokenizer)
@@ -389,7 +400,7 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
     # Privileged-access diagnostics on exemplar contexts of held-out features (two per feature).
     align_on = [(it.layer, it.vector, c) for it in items if it.split == "test" for c in it.contexts[:2]]
     align_on = align_on[: recipe.eval.alignment_contexts]
-    aligned: list[Metric] = []
+    per_explainer: list[Metric] = []
     predictions: dict[tuple[str, str], list[str]] = {}  # (method, explainer_model) -> descriptions per item
     predictions[("gold", target_name)] = [it.gold or "" for it in items]
     predictions[("nearest_neighbor", target_name)] = nearest_neighbour(train, items, layerwise=False)
@@ -398,48 +409,67 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
         role, _, mode = name.partition("/")
         explainer = ex.Explainer.load(Path(path) / "checkpoint")
         cfg = recipe.explainers[role]
+        steps = float(ex.Explainer.meta(Path(path) / "checkpoint")["steps"])
+        per_explainer.append(Metric(run_id, "features", target_name, cfg.model.name, mode or "trained", n_train,
+                                    seed, "train", "train_steps", steps, 0.0, n_train))  # fmt: skip
         queries = [ex.feature_queries(it.vector[None], [it.layer], [None], [it.example_id], explainer.chat,
                                       cfg.seed + k, mode or "trained")[0] for k, it in enumerate(items)]  # fmt: skip
         predictions[(mode or "trained", cfg.model.name)] = explainer.generate(queries, cfg.max_new_tokens,
                                                                              cfg.eval_batch_size)  # fmt: skip
         if not mode:  # the controls and diagnostics of a trained explainer (a prompt ablation has none)
-            if recipe.eval.zero_vector:  # R8 control: the same prompts with v = 0. Near-equal scores mean
-                # the explainer is not reading v.
-                zero = [ex.Query(np.zeros_like(q.vector), q.layer, q.text, None, q.example_id) for q in queries]
-                predictions[("zero_vector", cfg.model.name)] = explainer.generate(zero, cfg.max_new_tokens,
-                                                                                    cfg.eval_batch_size)  # fmt: skip
+            if recipe.eval.vector_controls:  # R8: the same prompts with v = 0, and with another held-out
+                # item's vector of the same layer and split. Scores near the trained ones: v is not read.
+                donor = ex.shuffled_donors([(it.split, it.layer) for it in items], cfg.seed)
+                controls = {"zero_vector": [np.zeros_like(q.vector) for q in queries],
+                            "shuffled_vector": [queries[d].vector for d in donor]}  # fmt: skip
+                for control, vectors in controls.items():
+                    qs = [
+                        ex.Query(v, q.layer, q.text, None, q.example_id) for q, v in zip(queries, vectors, strict=True)
+                    ]
+                    predictions[(control, cfg.model.name)] = explainer.generate(qs, cfg.max_new_tokens,
+                                                                               cfg.eval_batch_size)  # fmt: skip
             if align_on:
                 sims = alignment.similarities(explainer, lambda layer, c: caches[layer].states(c), texts.tokens,
                                               recipe.cache.layers, align_on)  # fmt: skip
-                aligned += [Metric(run_id, "alignment", target_name, cfg.model.name, "trained", n_train,
-                                   recipe.sae.seed, "test", metric, *value_se_n)
-                            for metric, value_se_n in sims.items()]  # fmt: skip
+                per_explainer += [Metric(run_id, "alignment", target_name, cfg.model.name, "trained", n_train,
+                                         seed, "test", metric, *value_se_n)
+                                  for metric, value_se_n in sims.items()]  # fmt: skip
         del explainer
         if progress:
             progress(f"{name} explainer decoded {len(items)} items")
     target_cfg = models.load_config(recipe.target)
     any_cfg = next(iter(recipe.explainers.values()), ExplainerConfig())
     by_scale = {}
+    select: list[EvalItem] = []  # training features on which SelfIE's one scale is chosen
     if recipe.eval.selfie:
-        by_scale = selfie_descriptions(recipe.target, items, recipe.eval.selfie_scales, any_cfg,
+        pick = np.random.default_rng(seed).permutation(len(train.layer))[: recipe.eval.selfie_select]
+        select = [EvalItem(f"select{i}", int(train.layer[i]), train.direction[i],
+                           exemplars[(int(train.layer[i]), int(train.feature_id[i]))], train.label[i], "train")
+                  for i in pick]  # fmt: skip
+        by_scale = selfie_descriptions(recipe.target, items + select, recipe.eval.selfie_scales, any_cfg,
                                        recipe.eval.selfie_max_new_tokens, target_cfg.hidden_size,
                                        target_cfg.num_hidden_layers)  # fmt: skip
 
-    metrics, rows = aligned, []
+    metrics, rows = per_explainer, []
     for layer, quality in Dataset(root, "feature_labels", gt_key).summary()["quality"].items():
         for name in ("sae_explained_variance", "sae_l0", "sae_dead_fraction"):  # SAE quality, one row per layer
-            metrics.append(Metric(run_id, "features", target_name, "", "sae", 0, recipe.sae.seed, f"layer_{layer}",
+            metrics.append(Metric(run_id, "features", target_name, "", "sae", 0, seed, f"layer_{layer}",
                                   name, float(quality[name]), 0.0, int(quality["tokens"])))  # fmt: skip
     scored: dict[tuple[str, str], list[float]] = {}
     sim = None if recipe.eval.simulator == "lexical" else LMSimulator(recipe.eval.simulator)
     for key, descs in predictions.items():
         scored[key] = score_items(items, descs, caches, texts, sim)
-    if by_scale:  # SelfIE: per item, the best of its scales (an upper bound, as in the paper)
-        scales = recipe.eval.selfie_scales
-        scale_scores = {s: score_items(items, d, caches, texts, sim) for s, d in by_scale.items()}
-        best = [max(range(len(scales)), key=lambda j, i=i: scale_scores[scales[j]][i]) for i in range(len(items))]
-        predictions[("selfie", target_name)] = [by_scale[scales[j]][i] for i, j in enumerate(best)]
-        scored[("selfie", target_name)] = [scale_scores[scales[j]][i] for i, j in enumerate(best)]
+    if by_scale:  # SelfIE: one scale chosen on training features; and per item the best of all (upper bound)
+        scales, n = recipe.eval.selfie_scales, len(items)
+        scale_scores = {s: score_items(items + select, d, caches, texts, sim) for s, d in by_scale.items()}
+        chosen = max(scales, key=lambda s: float(np.mean(scale_scores[s][n:])))  # first of equals
+        predictions[("selfie", target_name)] = by_scale[chosen][:n]
+        scored[("selfie", target_name)] = scale_scores[chosen][:n]
+        best = [max(range(len(scales)), key=lambda j, i=i: scale_scores[scales[j]][i]) for i in range(n)]
+        predictions[("selfie_best_of_scales", target_name)] = [by_scale[scales[j]][i] for i, j in enumerate(best)]
+        scored[("selfie_best_of_scales", target_name)] = [scale_scores[scales[j]][i] for i, j in enumerate(best)]
+        metrics.append(Metric(run_id, "features", target_name, target_name, "selfie", 0, seed, "train",
+                              "selfie_scale", float(chosen), 0.0, len(select)))  # fmt: skip
 
     embedder = SentenceEmbedder() if recipe.eval.embedding_similarity else None
     test_idx = [i for i, it in enumerate(items) if it.split == "test"]
@@ -454,23 +484,23 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
             if not idx or (method == "gold" and split != "test"):
                 continue
             value, se, n = mean_se([scored[(method, model)][i] for i in idx])
-            n_used = 0 if method in ("selfie", "gold") else n_train  # zero_vector: the trained explainer, v = 0
-            metrics.append(Metric(run_id, "features", target_name, model, method, n_used, recipe.sae.seed, split,
+            n_used = 0 if method in UNTRAINED else n_train  # the controls: the trained explainer, v = 0 or shuffled
+            metrics.append(Metric(run_id, "features", target_name, model, method, n_used, seed, split,
                                   "simulator_corr", value, se, n))  # fmt: skip
         if recipe.eval.judge and method != "gold" and test_idx:
             ratings = [judge_rating(r) for r in complete(
                 [JUDGE_PROMPT.format(predicted_label=descs[i], expected_label=items[i].gold) for i in test_idx],
                 recipe.eval.judge, "eval.judge", recipe.eval.judge_base_url, max_new_tokens=10)]  # fmt: skip
             value, se, n = mean_se([0.0 if r is None else r for r in ratings])  # unparseable counts as 0
-            metrics.append(Metric(run_id, "features", target_name, model, method, n_train if method != "selfie"
-                                  else 0, recipe.sae.seed, "test", "judge_score", value, se, n))  # fmt: skip
-            metrics.append(Metric(run_id, "features", target_name, model, method, 0, recipe.sae.seed, "test",
+            metrics.append(Metric(run_id, "features", target_name, model, method, 0 if method in UNTRAINED
+                                  else n_train, seed, "test", "judge_score", value, se, n))  # fmt: skip
+            metrics.append(Metric(run_id, "features", target_name, model, method, 0, seed, "test",
                                   "judge_parse_rate", float(np.mean([r is not None for r in ratings])), 0.0, n))  # fmt: skip
         if embedder is not None and method != "gold" and test_idx:
             sims = embedder.similarity([descs[i] for i in test_idx], [items[i].gold for i in test_idx])
             value, se, n = mean_se(sims.tolist())
-            n_used = 0 if method == "selfie" else n_train
-            metrics.append(Metric(run_id, "features", target_name, model, method, n_used, recipe.sae.seed, "test",
+            n_used = 0 if method in UNTRAINED else n_train
+            metrics.append(Metric(run_id, "features", target_name, model, method, n_used, seed, "test",
                                   "embedding_similarity", value, se, n))  # fmt: skip
     return metrics, rows
 

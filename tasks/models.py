@@ -6,6 +6,7 @@ safetensors folder named by the GGUF's content hash; every later load reads the 
 """
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import logging
@@ -157,8 +158,15 @@ def _publish(tmp: Path, final: Path) -> None:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise `gguf` into a plain fp32 safetensors folder at `out` (via a temp folder)."""
+    from unittest import mock
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers draws this bar with tqdm itself, past its progress-bar switch: turned off for this call only.
+    with mock.patch.object(gguf_utils, "tqdm", functools.partial(tqdm, disable=True)):
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     cfg = quantised.config.to_dict()
     cfg.pop("quantization_config", None)
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)

@@ -10,11 +10,11 @@ wrong (R14): a false negative for its gold class, never a false positive.
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tasks.explainer import SPAN, Query
+from tasks.explainer import SPAN, Query, shuffled_donors
 
 PATCHING_TEMPLATES = (
     "If feature {feature} at layer {layer} is added to tokens {tokens} when processing the text <<<{input}>>>, how would the output change?",
@@ -120,9 +120,10 @@ ZERO_SHOT_ABLATION = (
     "The output would remain unchanged from <<<Answer: C>>>.\n"
     "The output would change to <<<Answer: B>>>."
 )
-# How a question is put: the trained templates; the same with v = 0 (R8); without the span, the layer string
+# How a question is put: the trained templates; the same with v = 0 (R8) or with another row's vector of the
+# same chunk (shuffled v); without the span, the layer string
 # or the token string (the paper's "- activation", "- layer", "- token", §4.8); the untrained baseline's prompt.
-MODES = ("trained", "zero_vector", "no_activation", "no_layer", "no_token", "zero_shot")
+MODES = ("trained", "zero_vector", "shuffled_vector", "no_activation", "no_layer", "no_token", "zero_shot")
 # The phrases that carry the layer and the token in the five templates ("at layer {layer}", "steer layer {layer}
 # towards", "to / at / and tokens {tokens}"); removing them leaves a grammatical question.
 DROP = {
@@ -150,6 +151,9 @@ def queries(task: str, rows: Sequence[dict], mode: str, seed: int, with_answer: 
         q = make(r, mode, rng)
         answer = target(*gold(task, r)) if with_answer else None
         out.append(Query(q.vector, q.layer, q.text, answer, q.example_id, system=q.system))
+    if mode == "shuffled_vector":  # the same questions, each about another row's vector of its chunk
+        donor = shuffled_donors([q.layer for q in out], seed)
+        out = [replace(q, vector=out[d].vector) for q, d in zip(out, donor, strict=True)]
     return out
 
 

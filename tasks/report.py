@@ -2,7 +2,7 @@
 
 Written to `<store>/reports/<experiment>/` (report.md and PNGs), built in a temp folder and renamed into place.
 Series: trained explainers by role (self = initialised from the target), nearest neighbour (features), the
-controls (zero_vector, no_activation / no_layer / no_token) as curves over n_train; the n_train-independent baselines (SelfIE,
+controls (zero_vector, shuffled_vector, no_activation / no_layer / no_token) as curves over n_train; the n_train-independent baselines (SelfIE,
 zero-shot, majority, position bias, gold) as flat lines. Values are x100; ± is one SE (the run's own SE for a
 single seed, the SE over seeds otherwise). An ordering "held" when the difference exceeds twice its SE.
 """
@@ -40,6 +40,7 @@ CURVES = (
     "nearest_neighbor",
     "nearest_neighbor_layerwise",
     "zero_vector",
+    "shuffled_vector",
     "no_activation",
     "no_layer",
     "no_token",
@@ -105,13 +106,15 @@ def series_name(method: str, model: str, target: str) -> str:
     return {
         "trained": role,
         "zero_vector": f"{role}, v = 0",
+        "shuffled_vector": f"{role}, shuffled v",
         "no_activation": f"{role}, - activation",
         "no_layer": f"{role}, - layer",
         "no_token": f"{role}, - token",
         "zero_shot": f"{role} untrained, zero-shot",
         "nearest_neighbor": "nearest neighbour",
         "nearest_neighbor_layerwise": "nearest neighbour (same layer)",
-        "selfie": "SelfIE best of scales (untrained target)",
+        "selfie": "SelfIE, one scale chosen on training features (untrained target)",
+        "selfie_best_of_scales": "SelfIE best of scales per item (upper bound)",
         "gold": "gold labels",
         "majority": "majority answer",
         "position_bias": "position bias",

@@ -22,7 +22,7 @@ from storage.store import Dataset
 from tasks.config import SAETrainConfig
 
 STAGE = "saes"
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: a seed per layer
 
 
 def layer_activations(acts: Dataset, layer: int) -> dict[str, np.ndarray]:
@@ -47,13 +47,21 @@ def layer_activations(acts: Dataset, layer: int) -> dict[str, np.ndarray]:
     }
 
 
-def train_topk_sae(x: np.ndarray, cfg: SAETrainConfig, device: torch.device) -> tuple[Any, float, dict[str, float]]:
-    """Train a TopK SAE on x [N, d]; returns (sae, input scale, quality metrics)."""
+def layer_seed(seed: int, layer: int) -> int:
+    """The SAE seed of one layer: every layer draws its own initialisation and batch order (with one seed for
+    all, feature i of two layers started from the same direction)."""
+    return int(np.random.SeedSequence([seed, layer]).generate_state(1)[0])
+
+
+def train_topk_sae(
+    x: np.ndarray, cfg: SAETrainConfig, device: torch.device, seed: int
+) -> tuple[Any, float, dict[str, float]]:
+    """Train a TopK SAE on x [N, d] from `seed`; returns (sae, input scale, quality metrics)."""
     from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     n, d = x.shape
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     scale = float(np.sqrt(d) / np.linalg.norm(x[: min(n, 20000)].astype(np.float32), axis=1).mean())
     sae = TopKTrainingSAE(
         TopKTrainingSAEConfig(d_in=d, d_sae=cfg.expansion * d, k=cfg.k, dtype="float32", device=str(device))
@@ -61,7 +69,7 @@ def train_topk_sae(x: np.ndarray, cfg: SAETrainConfig, device: torch.device) -> 
     with torch.no_grad():  # start b_dec at the data mean: the usual geometric-median shortcut
         sae.b_dec.copy_(torch.from_numpy(x[: min(n, 20000)].astype(np.float32).mean(0) * scale))
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(seed)
     steps_since_fired = torch.zeros(sae.cfg.d_sae, device=device)
     step = 0
     for _ in range(cfg.epochs):
@@ -143,7 +151,7 @@ def write_sae_layer(
         sae, scale = load_sae(Path(cfg.load_from), layer, device), 1.0
         metrics = quality(sae, x, scale, device)
     else:
-        sae, scale, metrics = train_topk_sae(x, cfg, device)
+        sae, scale, metrics = train_topk_sae(x, cfg, device, layer_seed(cfg.seed, layer))
     sae_dir = out.path / f"layer_{layer}"
     if hasattr(sae, "save_inference_model"):  # a training SAE saves its inference form
         sae.save_inference_model(sae_dir)

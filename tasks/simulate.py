@@ -9,6 +9,7 @@ numbers are not comparable with the paper's 8B LM simulator.
 """
 
 import importlib.util
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-QUOTED = re.compile(r'"([^"]+)"')
+QUOTED = re.compile(r'"((?:[^"\\]|\\.)+)"')  # a JSON string literal: labels quote token texts with json.dumps
 WORD = re.compile(r"[A-Za-z0-9_]+|[^\sA-Za-z0-9_]")
 STOPWORDS = {"the", "token", "tokens", "and", "a", "of", "is", "word", "meaning", "to", "in", "or", "for", "it"}
 
@@ -27,10 +28,18 @@ def normalise(token: str) -> str:
 
 def description_keys(description: str) -> set[str]:
     """What the lexical simulator looks for: quoted strings, else the content words of the text."""
-    quoted = QUOTED.findall(description)
+    quoted = [_unescape(q) for q in QUOTED.findall(description)]
     if quoted:
         return {normalise(q) for q in quoted if q.strip()}
     return {normalise(w) for w in WORD.findall(description) if normalise(w) not in STOPWORDS}
+
+
+def _unescape(literal: str) -> str:
+    """The text of a quoted string as json.dumps wrote it (`\\"` is a quote); a malformed escape is kept as is."""
+    try:
+        return json.loads(f'"{literal}"')
+    except json.JSONDecodeError:
+        return literal
 
 
 def lexical_simulate(description: str, tokens: Sequence[str]) -> np.ndarray:

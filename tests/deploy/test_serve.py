@@ -63,7 +63,7 @@ def served(tmp_path_factory):
             env=env, cwd=Path(__file__).resolve().parents[2], stdout=open(logs / "serve.log", "w"),
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        _wait(lambda: len(_deployments(api)) >= 6, 120, "the deployments were not served")
+        _wait(lambda: len(_deployments(api)) >= 7, 120, "the deployments were not served")
         yield api, f"http://127.0.0.1:{port}", tmp / "store", env
     finally:
         for proc in (serve, server):
@@ -103,9 +103,8 @@ def tiny_experiment_parameters(store: Path) -> dict:
 def test_deployments_forms_schedule_and_parameter_validation(served):
     api, _, store, _ = served
     deps = _deployments(api)
-    assert {"cache-activations", "features", "patching", "ablation", "experiment", "nightly-data-efficiency"} <= set(
-        deps
-    )
+    assert {"cache-activations", "calibrate", "features", "patching", "ablation", "experiment",
+            "nightly-data-efficiency"} <= set(deps)  # fmt: skip
     nightly = deps["nightly-data-efficiency"]
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
     assert nightly["global_concurrency_limit"]["limit"] == 1

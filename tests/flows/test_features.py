@@ -47,13 +47,14 @@ def test_features_flow_fills_the_result_contract(tmp_path, text_file):
     got = {(m, e) for m, e, *_ in rows}
     assert got == {
         ("gold", "tiny-llama"), ("nearest_neighbor", "tiny-llama"), ("nearest_neighbor_layerwise", "tiny-llama"),
-        ("selfie", "tiny-llama"), ("trained", "tiny-llama"), ("trained", "tiny-gemma3"),
+        ("selfie", "tiny-llama"), ("selfie_best_of_scales", "tiny-llama"), ("trained", "tiny-llama"), ("trained", "tiny-gemma3"),
         ("zero_vector", "tiny-llama"), ("zero_vector", "tiny-gemma3"),
+        ("shuffled_vector", "tiny-llama"), ("shuffled_vector", "tiny-gemma3"),
         ("no_activation", "tiny-llama"), ("no_layer", "tiny-llama"),  # the self explainer's prompt ablations
     }  # fmt: skip
     assert all(n == 8 and 0 <= v <= 1 and se == se for _, _, v, se, n in rows)  # se is not NaN
     for split in ("ood_act", "ood_delta"):  # every method but gold
-        assert con.execute(f"select count(*) from metrics where split = '{split}'").fetchone()[0] == 9
+        assert con.execute(f"select count(*) from metrics where split = '{split}'").fetchone()[0] == 12
     # Privileged-access diagnostics: both scores for both trained explainers (not for the prompt ablations)
     aligned = con.execute("select explainer_model, metric, value, n from metrics where task = 'alignment' "
                           "order by all").fetchall()  # fmt: skip

@@ -44,7 +44,8 @@ def tiny_ablation_recipe(home) -> AblationRecipe:
 
 
 PATCHING_METHODS = {("trained", "tiny-llama"), ("trained", "tiny-gemma3"), ("zero_vector", "tiny-llama"),
-                    ("zero_vector", "tiny-gemma3"), ("no_activation", "tiny-llama"), ("zero_shot", "tiny-llama"),
+                    ("zero_vector", "tiny-gemma3"), ("shuffled_vector", "tiny-llama"), ("shuffled_vector", "tiny-gemma3"),
+                    ("no_activation", "tiny-llama"), ("zero_shot", "tiny-llama"),
                     ("zero_shot", "tiny-gemma3"), ("majority", "")}  # fmt: skip
 ABLATION_METHODS = {("trained", "tiny-llama"), ("trained", "tiny-gemma3"), ("zero_shot", "tiny-llama"),
                     ("zero_shot", "tiny-gemma3"), ("majority", ""), ("position_bias", "")}  # fmt: skip

@@ -4,10 +4,10 @@ import numpy as np
 import torch
 
 from tasks import models
-from tasks.alignment import explainer_layer, pair_tokens, similarities
+from tasks.alignment import pair_tokens, similarities
 from tasks.config import ExplainerConfig, ModelConfig
 from tasks.corpus import context_start_id
-from tasks.explainer import Explainer
+from tasks.explainer import Explainer, explainer_layer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Residual streams carry information between layers."]
 

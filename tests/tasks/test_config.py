@@ -48,6 +48,7 @@ def test_bad_files(tmp_path):
 def test_shipped_recipes_validate(path):
     flow = {
         "cache": "cache-activations",
+        "calibrate": "calibrate",
         "features": "features",
         "patching": "patching",
         "ablation": "ablation",

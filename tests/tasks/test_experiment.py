@@ -28,9 +28,9 @@ def test_controls_run_only_in_their_cells():
     )
     for task in ("features", "patching"):
         without = cell_recipe(recipe, Cell(task, 8, 0, False, False)).eval
-        assert without.prompt_ablations == [] and without.zero_vector is False
+        assert without.prompt_ablations == [] and without.vector_controls is False
         with_ = cell_recipe(recipe, Cell(task, 16, 0, True, True)).eval
-        assert with_.prompt_ablations == getattr(recipe, task).eval.prompt_ablations and with_.zero_vector is True
+        assert with_.prompt_ablations == getattr(recipe, task).eval.prompt_ablations and with_.vector_controls is True
 
 
 def test_a_cell_is_its_task_recipe_with_this_size_seed_store_and_target():

@@ -11,6 +11,8 @@ from tasks.explainer import (
     Explainer,
     Query,
     feature_queries,
+    shuffled_donors,
+    step_budget,
     train,
 )
 
@@ -73,8 +75,8 @@ def test_projection_exists_when_widths_differ_and_receives_gradient_under_lora()
     assert base == []  # LoRA: only adapters (and Π, outside the model) train
 
 
-def test_vector_norm_embedding_rescales_to_token_embedding_norm():
-    ex = make_explainer(vector_norm="embedding")
+def test_vector_norm_match_rescales_to_token_embedding_norm():
+    ex = make_explainer(vector_norm="match")
     b = _batch(ex, np.full((1, 64), 1000.0))
     embeds = ex.inject(b["input_ids"], b["vectors"], b["layers"])
     row = embeds[0][b["input_ids"][0] == ex.payload_id][0]
@@ -218,3 +220,123 @@ def test_prompt_ablation_queries_drop_the_layer_or_the_vector():
         assert all("layer 3" in q.text and q.text[0].isupper() for q in no_act)
         assert [q.answer for q in no_act] == ["x"] * 12  # the same labels, the same template draws
     assert feature_queries(v[:1], [3], ["x"], ["f"], False, 0, "no_layer")[0].text.endswith(" ")  # base: one space
+
+
+def _block_outputs(ex: Explainer, batch, blocks: list[int]) -> dict[int, torch.Tensor]:
+    """{block: its output hidden state [B, T, d]} in one forward of the explainer over `batch`."""
+    seen: dict[int, torch.Tensor] = {}
+    layers = models.decoder_layers(ex.lm.model)
+
+    def keep(b):
+        return lambda m, a, out: seen.__setitem__(b, (out[0] if isinstance(out, tuple) else out).detach().clone())
+
+    handles = [layers[b].register_forward_hook(keep(b)) for b in blocks]
+    try:
+        _logits(ex, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_residual_injection_writes_v_after_block_l_at_the_payload_only():
+    ex = make_explainer(injection="residual")  # vector_norm raw: v is written as given
+    v = np.random.default_rng(5).normal(size=(1, 64)) * 3
+    b_v, b_0 = _batch(ex, v), _batch(ex, np.zeros((1, 64)))  # the query's vector is from target layer 2
+    pos = int((b_v["input_ids"][0] == ex.payload_id).nonzero())
+    with_v, with_0 = _block_outputs(ex, b_v, [1, 2]), _block_outputs(ex, b_0, [1, 2])
+    torch.testing.assert_close(with_v[2][0, pos], torch.tensor(v[0], dtype=torch.float32), rtol=0, atol=0)
+    torch.testing.assert_close(with_v[1], with_0[1], rtol=0, atol=0)  # below block 2 nothing moves
+    torch.testing.assert_close(with_v[2][0, :pos], with_0[2][0, :pos], rtol=0, atol=0)  # nor before the payload
+
+
+def test_residual_injection_matches_the_prompts_median_norm():
+    ex = make_explainer(injection="residual", vector_norm="match")
+    v = np.random.default_rng(6).normal(size=(1, 64))
+    b = _batch(ex, v)
+    pos = int((b["input_ids"][0] == ex.payload_id).nonzero())
+    h = _block_outputs(ex, b, [2])[2][0]  # [T, d]: only the payload's row was written
+    median = h.norm(dim=-1)[torch.arange(h.shape[0]) != pos].median()
+    written = h[pos]
+    torch.testing.assert_close(written, torch.tensor(v[0] / np.linalg.norm(v[0]), dtype=torch.float32) * median)
+
+
+def test_early_add_adds_the_unit_vector_at_the_streams_norm():
+    ex = make_explainer(injection="early_add", inject_layer=1, inject_scale=2.0)
+    v = np.random.default_rng(7).normal(size=(1, 64))
+    b_v, b_0 = _batch(ex, v), _batch(ex, np.zeros((1, 64)))
+    pos = int((b_v["input_ids"][0] == ex.payload_id).nonzero())
+    h = _block_outputs(ex, b_0, [1])[1][0, pos]  # v = 0 adds nothing: the stream as it is
+    expected = h + torch.tensor(v[0] / np.linalg.norm(v[0]), dtype=torch.float32) * h.norm() * 2.0
+    torch.testing.assert_close(_block_outputs(ex, b_v, [1])[1][0, pos], expected)
+
+
+def test_injection_sites_follow_relative_depth():
+    ex = make_explainer(injection="residual", n_layers=8)  # a 4-block explainer of an 8-layer target
+    sites = ex.injection_sites(torch.tensor([0, 1, 3, 5, 7]))
+    assert sites.tolist() == [0, 0, 1, 2, 3]  # round(l * 3 / 7)
+    assert make_explainer(injection="residual").injection_sites(torch.tensor([0, 3])).tolist() == [0, 3]
+    early = make_explainer(injection="early_add", inject_layer=2)
+    assert early.injection_sites(torch.tensor([0, 3])).tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("injection", ["residual", "early_add"])
+def test_cached_decoding_carries_a_stream_injection(injection):
+    ex = make_explainer(name="tiny-gemma3", d_target=64, injection=injection)
+    rng = np.random.default_rng(1)
+    qs = feature_queries(rng.normal(size=(4, 64)), [0, 1, 2, 3], [None] * 4, list("abcd"), chat=False, seed=0)
+    cached = ex.generate(qs, max_new_tokens=8, batch_size=2, use_cache=True)
+    assert cached == ex.generate(qs, max_new_tokens=8, batch_size=4, use_cache=False)
+    assert len(set(cached)) > 1
+
+
+def test_step_budget_raises_small_sets_to_min_steps_and_caps_at_max_steps():
+    cfg = ExplainerConfig(batch_size=4, epochs=2)
+    assert step_budget(cfg, 10) == (6, 3)  # 3 batches an epoch, validated each epoch
+    assert step_budget(cfg.model_copy(update={"min_steps": 20}), 10) == (20, 3)
+    assert step_budget(cfg.model_copy(update={"max_steps": 4, "eval_every": 2}), 10) == (4, 2)
+
+
+def test_min_steps_trains_past_an_early_stop():
+    rng = np.random.default_rng(8)
+    qs = [Query(rng.normal(size=64).astype(np.float32), 1, f"What does {SPAN} encode at layer 1?", a)
+          for a in ("cats", "dogs", "fish", "owls")]  # fmt: skip
+    val = [Query(rng.normal(size=64).astype(np.float32), 1, qs[0].text, "zebra")]  # unlearnable: loss rises
+    common = {"lr": 3e-2, "epochs": 1, "batch_size": 2, "eval_every": 1}
+    stopped = train(make_explainer(**common), qs, val)
+    floor = train(make_explainer(**common, min_steps=8), qs, val)
+    assert stopped.steps < 8 and floor.steps == 8 and floor.val_steps == list(range(1, 9))
+
+
+def test_training_killed_between_validations_resumes_to_the_same_weights(tmp_path):
+    rng = np.random.default_rng(9)
+    qs = [Query(rng.normal(size=64).astype(np.float32), 1, f"What does {SPAN} encode at layer 1?", a)
+          for a in ("cats", "dogs", "fish", "owls", "bees", "ants")]  # fmt: skip
+    settings = {"lr": 3e-3, "epochs": 1, "min_steps": 7, "eval_every": 2, "batch_size": 2, "val_fraction": 0.0}
+    ref = train(reference := make_explainer(**settings), qs, [])
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_five(fraction: float, message: str) -> None:
+        if " step 5 " in message:  # mid epoch 1, one step after the validation at step 4 was saved
+            raise Killed
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        train(make_explainer(**settings), qs, [], die_at_step_five, state)
+    saved = torch.load(state, weights_only=False)["log"]
+    assert (saved["steps"], saved["epoch"], saved["epoch_step"]) == (4, 1, 1)
+    result = train(resumed := make_explainer(**settings), qs, [], None, state)
+    assert result.steps == ref.steps == 7 and result.val_steps == ref.val_steps == [2, 4, 6, 7]
+    assert result.train_loss == pytest.approx(ref.train_loss, rel=1e-6)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_shuffled_donors_give_each_item_another_vector_of_its_group():
+    groups = [3, 3, 3, 9, 9, 3, 5]
+    donor = shuffled_donors(groups, seed=0)
+    assert sorted(donor) == list(range(7))  # a permutation
+    assert all(d != i and groups[d] == groups[i] for i, d in enumerate(donor[:6]))
+    assert donor[6] == 6  # alone in its group: keeps its own vector

@@ -6,7 +6,7 @@ import torch
 from storage.errors import UserInputError
 from storage.store import Dataset
 from tasks.config import SAETrainConfig
-from tasks.sae import encode, layer_activations, train_topk_sae, write_exemplars
+from tasks.sae import encode, layer_activations, layer_seed, train_topk_sae, write_exemplars
 
 
 def _sparse_data(n=6000, d=16, n_atoms=24, active=2, seed=0):
@@ -24,7 +24,7 @@ def _sparse_data(n=6000, d=16, n_atoms=24, active=2, seed=0):
 def test_topk_sae_learns_a_sparse_dictionary():
     x, atoms = _sparse_data()
     cfg = SAETrainConfig(expansion=2, k=2, lr=3e-3, batch_tokens=256, epochs=20)
-    sae, scale, metrics = train_topk_sae(x, cfg, torch.device("cpu"))
+    sae, scale, metrics = train_topk_sae(x, cfg, torch.device("cpu"), seed=0)
     assert metrics["sae_explained_variance"] > 0.8 and metrics["sae_l0"] <= 2.0
     w = sae.W_dec.detach().numpy()
     np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, atol=1e-5)  # unit decoder directions
@@ -32,6 +32,16 @@ def test_topk_sae_learns_a_sparse_dictionary():
     assert np.median(best) > 0.9
     rows, feats, vals = encode(sae, x[:100], scale, torch.device("cpu"))
     assert (vals > 0).all() and np.bincount(rows, minlength=100).max() <= 2
+
+
+def test_every_layer_draws_its_own_sae_initialisation():
+    x, _ = _sparse_data(n=512)
+    cfg = SAETrainConfig(expansion=2, k=2, batch_tokens=256, epochs=1)
+    assert len({layer_seed(0, layer) for layer in range(30)}) == 30 and layer_seed(0, 3) != layer_seed(1, 3)
+    w3, w15 = (train_topk_sae(x, cfg, torch.device("cpu"), layer_seed(0, layer))[0].W_dec.detach() for layer in (3, 15))
+    same = train_topk_sae(x, cfg, torch.device("cpu"), layer_seed(0, 3))[0].W_dec.detach()
+    torch.testing.assert_close(same, w3, rtol=0, atol=0)  # seeded: reproducible
+    assert (w3 * w15).sum(-1).abs().mean() < 0.5  # feature i of two layers no longer starts from one direction
 
 
 def test_exemplars_rank_contexts_by_their_maximum(home):

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from tasks.labels import format_tokens_label
 from tasks.simulate import (
     SentenceEmbedder,
     description_keys,
@@ -77,3 +78,11 @@ def test_lm_simulator_reads_one_expected_bin_per_exemplar_token():
     np.testing.assert_allclose(again[0][:2], preds[0][:2], rtol=1e-5, atol=1e-5)
     score = simulator_score('the token "Paris"', exemplars, [np.array([3.0, 0, 0]), np.array([1.0, 0])], sim)
     assert 0.0 <= score <= 1.0
+
+
+def test_labels_are_read_the_way_they_are_written():
+    """format_tokens_label quotes with json.dumps: an escaped quote or backslash is that token, not a '\\'."""
+    label = format_tokens_label(['"', "\\", "def"])
+    assert label == 'the tokens "\\"", "\\\\" and "def"'
+    assert description_keys(label) == {'"', "\\", "def"}
+    assert lexical_simulate(label, ['"', "\\", " def", "x"]).tolist() == [1.0, 1.0, 1.0, 0.0]
