@@ -63,10 +63,8 @@ def check_recipe(recipe: CalibrateRecipe) -> CachePlan:
         models.resolve(recipe.explainer.model)
     except UserInputError as err:
         raise UserInputError("explainer.model.name", err.problem, err.fix) from None
-    n_blocks = models.load_config(recipe.explainer.model).num_hidden_layers
-    if "early_add" in recipe.calibration.injections and recipe.explainer.inject_layer >= n_blocks:
-        raise UserInputError("explainer.inject_layer", f"{recipe.explainer.inject_layer} is past the explainer's "
-                             f"{n_blocks} blocks", f"use a block between 0 and {n_blocks - 1}")  # fmt: skip
+    for injection in recipe.calibration.injections:
+        ex.check_injection(explainer_config(recipe, injection), recipe.cache.layers, plan.n_layers, "explainer")
     return plan
 
 

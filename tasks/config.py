@@ -137,6 +137,9 @@ class LabelConfig(StrictModel):
     )
 
 
+Injection = Literal["embedding", "residual", "early_add"]  # where the vector enters the explainer
+
+
 class ExplainerConfig(StrictModel):
     """The continuous-token explainer and how it is trained."""
 
@@ -149,7 +152,7 @@ class ExplainerConfig(StrictModel):
     projection: Literal["auto", "always"] = Field(
         "auto", description="Per-target-layer projection: 'auto' only when widths differ, 'always' forces it."
     )
-    injection: Literal["embedding", "residual", "early_add"] = Field(
+    injection: Injection = Field(
         "embedding",
         description="Where u = Π_ℓ v enters the explainer. 'embedding': replaces the placeholder's input "
         "embedding (the paper). 'residual': replaces the residual stream at the placeholder after block ℓ (for "
@@ -476,7 +479,7 @@ class ExperimentRecipe(StrictModel):
 class CalibrationConfig(StrictModel):
     """The readout calibration: the target's residual of a token t at layer ℓ -> `the token "t"`."""
 
-    injections: list[Literal["embedding", "residual", "early_add"]] = Field(
+    injections: list[Injection] = Field(
         ["embedding", "residual", "early_add"],
         min_length=1,
         description="Injection modes measured, each a trained explainer of its own (explainer.injection is "

@@ -122,6 +122,22 @@ def explainer_layer(layer: int, n_target_layers: int, n_explainer_layers: int) -
     return round(layer * (n_explainer_layers - 1) / (n_target_layers - 1))
 
 
+def check_injection(cfg: ExplainerConfig, layers: Sequence[int], n_target_layers: int, field: str) -> None:
+    """A vector written into the residual stream is read only by the blocks above it: after the explainer's
+    last block nothing attends to it. Refuse such a site before anything runs."""
+    if cfg.injection == "embedding":
+        return
+    n_blocks = models.load_config(cfg.model).num_hidden_layers
+    if cfg.injection == "early_add" and cfg.inject_layer >= n_blocks - 1:
+        raise UserInputError(f"{field}.inject_layer", f"{cfg.inject_layer} leaves no block of the explainer's "
+                             f"{n_blocks} above it to read the vector", f"use a block below {n_blocks - 1}")  # fmt: skip
+    last = [layer for layer in layers if explainer_layer(layer, n_target_layers, n_blocks) >= n_blocks - 1]
+    if cfg.injection == "residual" and last:
+        raise UserInputError(f"{field}.injection", f"'residual' writes target layer {last[0]}'s vector after the "
+                             "explainer's last block, where nothing reads it",
+                             "drop that layer, or inject at the embedding or early_add")  # fmt: skip
+
+
 def shuffled_donors(groups: Sequence[Hashable], seed: int) -> list[int]:
     """The shuffled-v control: for each item, the index of another item of its group (same target layer, same
     split) whose vector it is asked about instead; a seeded cycle through each group, so no item keeps its own

@@ -64,6 +64,7 @@ def check_recipe(recipe: FeaturesRecipe) -> CachePlan:
             models.resolve(cfg.model)
         except UserInputError as err:
             raise UserInputError(f"explainers.{role}.model.name", err.problem, err.fix) from None
+        ex.check_injection(cfg, recipe.cache.layers, plan.n_layers, f"explainers.{role}")
     return plan
 
 

@@ -18,6 +18,7 @@ from storage.store import Dataset
 
 TINY = ["--set", "model.name=tiny-llama", "--set", "model.autocast=none", "--set", "cache.layers=[1]"]
 TINY_FEATURES = ["--set", "target.name=tiny-llama", "--set", "cache.layers=[1]"]
+TINY_CALIBRATE = ["--set", "target.name=tiny-llama", "--set", "explainer.model.name=tiny-llama"]
 TINY_PATCHING = ["--set", "target.name=tiny-llama", "--set", "explainers.self.model.name=tiny-llama",
                  "--set", "explainers.other.model.name=tiny-gemma3"]  # fmt: skip
 
@@ -77,6 +78,9 @@ CASES = [
     ("unknown-role", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", "eval.ablation_roles=[ghost]", "--home", s], "error: eval.ablation_roles: ['ghost'] are not explainer roles"),
     ("ablation-has-no-activation", lambda f, s: ["run", "ablation", *TINY_PATCHING, "--set", "eval.prompt_ablations=[no_activation]", "--home", s], "error: eval.prompt_ablations: ablation questions carry no vector"),
     ("unknown-prompt-ablation", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", "eval.prompt_ablations=[no_vibes]", "--home", s], "error: recipe field 'eval.prompt_ablations.0'"),
+    ("residual-after-last-block", lambda f, s: ["run", "calibrate", *TINY_CALIBRATE, "--set", "cache.layers=[1,3]", "--set", "calibration.injections=[residual]", "--home", s], "error: explainer.injection: 'residual' writes target layer 3's vector after the explainer's last block"),
+    ("early-add-after-last-block", lambda f, s: ["run", "features", *TINY_FEATURES, "--set", "explainers.self.model.name=tiny-llama", "--set", "explainers.self.injection=early_add", "--set", "explainers.self.inject_layer=3", "--home", s], "error: explainers.self.inject_layer: 3 leaves no block"),
+    ("unknown-injection", lambda f, s: ["run", "calibrate", *TINY_CALIBRATE, "--set", "calibration.injections=[lasers]", "--home", s], "error: recipe field 'calibration.injections.0'"),
     ("experiment-size-zero", lambda f, s: ["run", "experiment", "--set", "grid.n_train=[0,8]", "--home", s], "error: recipe field 'grid.n_train'"),
     ("experiment-task-section", lambda f, s: ["run", "experiment", "--set", "target.name=tiny-llama", "--set", "tasks=[patching]", "--set", "patching.explainers.self.model.name=nope", "--home", s], "error: patching.explainers.self.model.name: "),
     ("sql-without-store", lambda f, s: ["sql", "select 1", "--home", s], "error: store: no catalog at"),

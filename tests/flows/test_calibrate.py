@@ -1,3 +1,4 @@
+import random
 from pathlib import Path
 
 from flows.calibrate import calibrate
@@ -6,14 +7,15 @@ from tasks.config import CalibrateRecipe
 
 
 def tiny_calibrate_recipe(home: Path, corpus: Path, **explainer) -> CalibrateRecipe:
-    """tiny-llama reads its own layer-1 and layer-3 residuals of byte tokens (the corpus's letters)."""
+    """tiny-llama reads its own layer-0 and layer-1 residuals of byte tokens. A random-init model learns to read a
+    vector quickly only when it stands out of the stream: early_add at 20 x |h| after block 0."""
     tiny = {"name": "tiny-llama", "autocast": "none"}
     return CalibrateRecipe.model_validate(
         {
             "home": str(home),
             "target": tiny,
             "corpus": {"source": str(corpus), "n_tokens": 2048, "context_length": 64},
-            "cache": {"layers": [1, 3], "contexts_per_shard": 32},
+            "cache": {"layers": [0, 1], "contexts_per_shard": 32},
             "explainer": {
                 "model": tiny,
                 "format": "base",
@@ -24,29 +26,33 @@ def tiny_calibrate_recipe(home: Path, corpus: Path, **explainer) -> CalibrateRec
                 "min_steps": 120,
                 "max_steps": 120,
                 "max_new_tokens": 16,
+                "inject_layer": 0,
+                "inject_scale": 20.0,
                 **explainer,
             },  # fmt: skip
-            "calibration": {"injections": ["residual"], "n_train": 960, "n_test": 20, "split": "occurrences"},
+            "calibration": {"injections": ["early_add"], "n_train": 960, "n_test": 20, "split": "occurrences"},
         }
     )
 
 
-def test_training_makes_the_answer_follow_the_vector(tmp_path, text_file):
+def test_training_makes_the_answer_follow_the_vector(tmp_path):
     """The readout fails this test the day the vector stops mattering: trained exact match far above v = 0,
     and with shuffled v the answers name the donor's token."""
-    recipe = tiny_calibrate_recipe(tmp_path / "store", text_file)
+    corpus = tmp_path / "letters.txt"  # six token types, each seen often enough to learn in 120 steps
+    rng = random.Random(0)
+    corpus.write_text("".join(rng.choice("abcdef") for _ in range(4000)))
+    recipe = tiny_calibrate_recipe(tmp_path / "store", corpus)
     result = calibrate(recipe)
     con = connect_read_only(tmp_path / "store")
     em = dict(con.execute("select method, value from metrics where task = 'calibration' and split = 'test' "
                           "and metric = 'exact_match'").fetchall())  # fmt: skip
     assert set(em) == {"trained", "zero_vector", "shuffled_vector", "zero_shot"}
-    assert em["trained"] >= em["zero_vector"] + 0.3, em
+    assert em["trained"] >= em["zero_vector"] + 0.5, em
     follows = con.execute("select value from metrics where metric = 'follows_vector' and split = 'test'").fetchone()
-    assert follows[0] >= em["shuffled_vector"] + 0.3, (follows, em)
+    assert follows[0] >= em["shuffled_vector"] + 0.5, (follows, em)
     steps = con.execute("select value from metrics where metric = 'train_steps'").fetchone()[0]
     assert steps == 120
     layers = con.execute("select distinct split from metrics where metric = 'exact_match' order by 1").fetchall()
-    assert [s for (s,) in layers] == ["layer_1", "layer_3", "test"]
-    assert list(result["results"]) == ["residual"] and result["results"]["residual"]["run_id"].startswith(
-        "calibration-residual-"
-    )
+    assert [s for (s,) in layers] == ["layer_0", "layer_1", "test"]
+    assert list(result["results"]) == ["early_add"]
+    assert result["results"]["early_add"]["run_id"].startswith("calibration-early_add-")
