@@ -14,6 +14,9 @@ from typing import Any, TextIO
 # Quiet, offline-friendly Prefect defaults; a user's own settings win.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# A first run on a fresh machine creates the ephemeral API's database (migrations): on two busy cores that can
+# take longer than Prefect's 20 s default, and the run would fail before it starts.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from storage.errors import UserInputError  # noqa: E402
 from storage.store import store_root  # noqa: E402

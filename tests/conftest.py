@@ -9,6 +9,7 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="selfexplain-tests-"))
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # as the CLI: a fresh home is slow
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # its INFO lines at exit hit pytest's closed capture
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Tiny models are built into this session's own cache: a first run on a fresh machine and a rerun behave alike.
