@@ -1,4 +1,4 @@
-"""Flow `ablation`: task C, input ablation (PAPER.md §5).
+"""Flow `ablation`: task C, input ablation (paper §5).
 
 ask       every question with the paper's system prompt, with and without a hint naming a random letter
 label     changed = the two greedy letters differ; the content is the no-hint letter

@@ -1,4 +1,4 @@
-"""Flow `experiment`: the self-vs-other matrix and the data-efficiency curves (PAPER.md §3.6, Fig. 5, Tables 2, 5, 6).
+"""Flow `experiment`: the self-vs-other matrix and the data-efficiency curves (paper §3.6, Fig. 5, Tables 2, 5, 6).
 
 ground truth  per task, built once (the task flows' own cached stages)
 grid          per task x n_train x seed: train every explainer on the first n_train training examples

@@ -1,4 +1,4 @@
-"""Flow `features`: task A of the paper, feature descriptions (PAPER.md §3).
+"""Flow `features`: task A of the paper, feature descriptions (paper §3).
 
 activations   cache the target's residual stream at the chosen layers (the cache-activations stages)
 ground truth  train an SAE per layer; exemplars; a label per feature; split train / test by feature

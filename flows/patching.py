@@ -1,4 +1,4 @@
-"""Flow `patching`: task B, activation patching (PAPER.md §4).
+"""Flow `patching`: task B, activation patching (paper §4).
 
 pairs     counterfactual pairs (x, x') from the fact base: same relation, other subject and object
 sweep     for every layer chunk and aligned position, replace the residual at t in every chunk layer by

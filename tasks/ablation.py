@@ -1,4 +1,4 @@
-"""Task C ground truth: input ablation (PAPER.md §5). Table `ablation_gt`.
+"""Task C ground truth: input ablation (paper §5). Table `ablation_gt`.
 
 Each question is asked twice with the paper's system prompt: without the hint and with a hint naming a random
 letter. The target's greedy next token after the pre-filled "Answer:" is read as a letter (the four letter

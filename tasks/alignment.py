@@ -1,4 +1,4 @@
-"""Privileged-access diagnostics (PAPER.md §3.8, Table 4): how closely an explainer's own hidden states follow
+"""Privileged-access diagnostics (paper §3.8, Table 4): how closely an explainer's own hidden states follow
 the target's on the same text. Two `metrics` rows per trained explainer (task `alignment`, split `test`):
 
 dot_product_similarity   mean over contexts x, cached layers ℓ and paired tokens t of

@@ -296,7 +296,7 @@ class FeatureEvalConfig(StrictModel):
     prompt_ablations: list[Literal["no_activation", "no_layer"]] = Field(
         [],
         description="Explainers retrained with one part of every template removed, each evaluated as its own "
-        "method (PAPER.md §3.8): no_activation drops the placeholder (no vector reaches the explainer), no_layer "
+        "method (paper §3.8): no_activation drops the placeholder (no vector reaches the explainer), no_layer "
         "drops the layer number.",
     )
     ablation_roles: list[str] = Field(["self"], description="Roles that get the prompt-ablation explainers.")
@@ -308,7 +308,7 @@ class FeatureEvalConfig(StrictModel):
     alignment_contexts: int = Field(
         32,
         ge=0,
-        description="Privileged-access diagnostics (PAPER.md §3.8, Table 4): compare each trained explainer's "
+        description="Privileged-access diagnostics (paper §3.8, Table 4): compare each trained explainer's "
         "hidden states with the target's on this many exemplar contexts of held-out features (0 skips them).",
     )
 
@@ -327,7 +327,7 @@ def _outcome_explainers() -> dict[str, "ExplainerConfig"]:
 
 
 class OutcomeEvalConfig(StrictModel):
-    """What the patching and ablation flows train and measure (PAPER.md §4.5-4.7, §5.3)."""
+    """What the patching and ablation flows train and measure (paper §4.5-4.7, §5.3)."""
 
     n_train: int | None = Field(
         None, gt=0, description="Cap on training rows (a seeded sample of the train split); null uses all."

@@ -1,5 +1,5 @@
 """Tasks B and C after the ground truth: train explainers of outcomes and score them against the baselines
-(PAPER.md §4.5-4.8, §5.3). Shared by the patching and ablation flows.
+(paper §4.5-4.8, §5.3). Shared by the patching and ablation flows.
 
 Train: each role's explainer learns `patching_gt` / `ablation_gt` train rows (a seeded `n_train` sample) with
 the paper's templates and target sentences; patching carries v as a continuous token, ablation none. For

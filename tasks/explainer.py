@@ -5,7 +5,7 @@ u = Π_ℓ v (v itself when the explainer and the target share a width) and ente
 in one of three ways (`injection`):
 
 - 'embedding' (the paper): u *replaces* the payload's input embedding. The replacement builds a new tensor with
-  torch.where, so it cannot be lost to an out-of-place op whose result is discarded (PAPER.md R7, R9). What
+  torch.where, so it cannot be lost to an out-of-place op whose result is discarded (paper R7, R9). What
   enters block 0 is u (R10): Gemma multiplies token embeddings by √d inside its embedding module, and
   inputs_embeds bypass that module, so u is not scaled again. With vector_norm 'match' u is rescaled to the
   mean norm of the embedding module's outputs.
@@ -52,7 +52,7 @@ STOP_STRINGS = (" [END]", "\n", ">>>.")
 KEPT_STOP_STRINGS = (">>>.",)  # ends an outcome sentence ("... <<<X>>>."): part of the answer, kept
 CHAT_SYSTEM_PROMPT = "You are a helpful assistant that explains the internal features of language models."
 
-# PAPER.md §3.2: base templates, each ending in exactly one space; {feature} is the span, {layer} an integer.
+# paper §3.2: base templates, each ending in exactly one space; {feature} is the span, {layer} an integer.
 FEATURE_TEMPLATES_BASE = (
     "At layer {layer}, {feature} encodes ",
     "{feature} activates at layer {layer} for ",

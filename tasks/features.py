@@ -1,4 +1,4 @@
-"""Task A, feature descriptions: ground truth, explainer training, baselines and scoring (PAPER.md §3).
+"""Task A, feature descriptions: ground truth, explainer training, baselines and scoring (paper §3).
 
 Ground truth (`build_ground_truth`): per cached layer an SAE (tasks.sae), its exemplars, a label per feature
 that fires in enough contexts (tasks.labels), and a split by feature: `test_per_layer` held-out features per

@@ -1,4 +1,4 @@
-"""Importers for the paper's public datasets (PAPER.md §4.4, §5.2), from local Parquet / JSON(L) /
+"""Importers for the paper's public datasets (paper §4.4, §5.2), from local Parquet / JSON(L) /
 save_to_disk folders, into our `patching_gt` and `ablation_gt` row formats, so a user who has them trains on
 them unchanged.
 

@@ -1,4 +1,4 @@
-"""Explaining outcomes (tasks B and C): prompts, targets, parsing and the exact-match metrics (PAPER.md §4.5-4.7,
+"""Explaining outcomes (tasks B and C): prompts, targets, parsing and the exact-match metrics (paper §4.5-4.7,
 §5.3, §4.6).
 
 An answer is "The output would remain unchanged from <<<X>>>." or "The most likely output would change to

@@ -1,4 +1,4 @@
-"""Task B ground truth: activation patching over counterfactual pairs (PAPER.md §4). Table `patching_gt`.
+"""Task B ground truth: activation patching over counterfactual pairs (paper §4). Table `patching_gt`.
 
 A pair (x, x') shares the relation and differs in subject and object; both prompts offer the same five
 options plus "unknown". The target's layers are cut into contiguous chunks. For every chunk and every

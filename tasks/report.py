@@ -1,4 +1,4 @@
-"""Plots and the markdown report of an experiment: tables in the paper's shape beside its numbers (PAPER.md §6).
+"""Plots and the markdown report of an experiment: tables in the paper's shape beside its numbers (paper §6).
 
 Written to `<store>/reports/<experiment>/` (report.md and PNGs), built in a temp folder and renamed into place.
 Series: trained explainers by role (self = initialised from the target), nearest neighbour (features), the
@@ -45,7 +45,7 @@ CURVES = (
     "no_layer",
     "no_token",
 )
-# PAPER.md §6, x100: Table 1 (Llama-3.1-8B target), Table 5 and 6 (Llama-3.1-8B(-Instruct) target).
+# paper §6, x100: Table 1 (Llama-3.1-8B target), Table 5 and 6 (Llama-3.1-8B(-Instruct) target).
 PAPER = {
     ("features", "simulator_corr", "test"): {"self (Llama-3.1-8B, LoRA)": 45.6, "other (Qwen3-8B)": 40.6,
                                              "nearest neighbour": 33.7, "SelfIE best of 5": 36.4, "gold": 43.3},
@@ -286,7 +286,7 @@ def write_report(root: Path, experiment: str) -> Path:
                 lines.append(f"| {name} | " + " | ".join(_fmt(pts.get(n)) for n in sizes) + f" | {_fmt(pts.get(-1))} |")
             paper = PAPER.get((task, metric, split))
             if paper:
-                lines += ["", "Paper (PAPER.md §6, 8B targets): " + "; ".join(f"{k} {v:.1f}" for k, v in paper.items())]
+                lines += ["", "Paper (§6, 8B targets): " + "; ".join(f"{k} {v:.1f}" for k, v in paper.items())]
             png = f"{task}-{metric}-{split}.png"
             plot_curves((task, metric, split), series, tmp / png)
             lines += ["", f"![{task} {metric} {split}]({png})", ""]

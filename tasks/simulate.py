@@ -1,6 +1,6 @@
 """Scoring descriptions: a simulator predicts per-token activations from a description; the score is the
 Pearson correlation with the true activations pooled over all tokens of the top-20 exemplars (|corr|, as in
-the paper, PAPER.md §3.6); plus judge similarity by sentence embeddings.
+the paper, paper §3.6); plus judge similarity by sentence embeddings.
 
 The `lexical` simulator is deterministic and fits the `tokens` labeler: it predicts 1 on a token whose text
 is one of the description's quoted strings (or, when nothing is quoted, one of its words) and 0 elsewhere.
@@ -82,7 +82,7 @@ def mean_se(values: Sequence[float]) -> tuple[float, float, int]:
 
 
 class LMSimulator:
-    """A prompted LM simulator (PAPER.md §3.6 step 3) for free-text descriptions.
+    """A prompted LM simulator (paper §3.6 step 3) for free-text descriptions.
 
     The LM reads "## Neuron Description: {description}\n\n ## Input: " followed by the exemplar's text; at each
     exemplar token it gives a distribution over the bin tokens "0".."10" (those that are single tokens of its
@@ -161,7 +161,7 @@ class SentenceEmbedder:
         return (self.embed(a) * self.embed(b)).sum(-1)
 
 
-# PAPER.md §3.5, verbatim (the first line ends with a space in the reference).
+# paper §3.5, verbatim (the first line ends with a space in the reference).
 JUDGE_PROMPT = (
     "Does this feature description accurately describe when this feature activates? \n"
     + """Rate on a scale of:

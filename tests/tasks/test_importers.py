@@ -1,4 +1,4 @@
-"""Fixtures written from the public schemas in PAPER.md §4.4 and §5.2."""
+"""Fixtures written from the public schemas in paper §4.4 and §5.2."""
 
 import json
 

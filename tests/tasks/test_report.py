@@ -47,7 +47,7 @@ def test_report_tables_plots_and_orderings(home):
     assert "| self untrained, zero-shot | – | – | 1.0 ± 1.0 |" in text  # flat: from the flat cell only
     assert "self > other (other-lm) **held** (Δ = +15.0 ± 2.8)" in text
     assert "self > majority answer **held**" in text
-    assert "Paper (PAPER.md §6, 8B targets): self (Llama-3.1-8B) 48.6" in text
+    assert "Paper (§6, 8B targets): self (Llama-3.1-8B) 48.6" in text
     for png in ("patching-exact_match-test.png", "self-vs-other.png"):
         assert (path.parent / png).stat().st_size > 5000 and f"({png})" in text
 
@@ -67,5 +67,5 @@ def test_alignment_rows_get_their_table_the_paper_numbers_and_the_quality_scatte
         "| self | 95.0 ± 1.0 | 95.0 ± 1.0 | – |" in text and "| other (other-lm) | 5.0 ± 1.0 | 5.0 ± 1.0 | – |" in text
     )
     assert "self > other (other-lm) **held** (Δ = +90.0 ± 1.4)" in text
-    assert "Paper (PAPER.md §6, 8B targets): Llama-3-8B (sibling) 96.6" in text
+    assert "Paper (§6, 8B targets): Llama-3-8B (sibling) 96.6" in text
     assert (path.parent / "quality-vs-alignment.png").stat().st_size > 5000 and "(quality-vs-alignment.png)" in text
