@@ -1,4 +1,5 @@
-"""The DuckDB catalog: one view per table over the shards of every complete dataset. DuckDB only reads here.
+"""The DuckDB catalog: one view per table over the shards of every complete dataset (and `paired_gains`,
+derived from `predictions`). DuckDB only reads here.
 
 The catalog file is rebuilt whole into a temp file and renamed over the old one, so a user who holds it open
 read-only keeps a consistent (older) snapshot and a writer never waits on their lock. Views list shard files
@@ -15,6 +16,16 @@ from storage.errors import UserInputError
 from storage.store import Dataset, complete_datasets, sweep_stale_temps
 
 CATALOG_FILE = "catalog.duckdb"
+# A derived view over `predictions`: every trained explainer against every other method scored on the same
+# items of the same run (its own controls, the baselines, the other explainers), as the mean per-item
+# difference and its paired SE. A gain more than twice its SE is an ordering that holds.
+PAIRED_GAINS_SQL = """CREATE VIEW paired_gains AS
+SELECT a.run_id, a.task, a.split, a.explainer_model, a.method,
+       b.explainer_model AS rival_model, b.method AS rival_method, count(*) AS n,
+       avg(a.score - b.score) AS gain, coalesce(stddev_samp(a.score - b.score), 0) / sqrt(count(*)) AS se
+FROM predictions a JOIN predictions b USING (run_id, task, split, example_id)
+WHERE a.method = 'trained' AND b.method <> 'gold' AND NOT (b.method = 'trained' AND b.explainer_model = a.explainer_model)
+GROUP BY ALL"""
 
 
 def catalog_path(root: Path) -> Path:
@@ -58,6 +69,8 @@ def refresh_catalog(root: Path) -> Path:
         )
         for table, datasets in sorted(by_table.items()):
             con.execute(view_sql(table, datasets))
+            if table == "predictions":
+                con.execute(PAIRED_GAINS_SQL)
             for ds in datasets:
                 con.execute(
                     "INSERT INTO datasets VALUES (?, ?, ?, ?, ?)",

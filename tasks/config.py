@@ -255,6 +255,13 @@ class AblationConfig(StrictModel):
     )
 
 
+ROTATED_BASIS_ROLES = (
+    "Roles that also get a rotated-basis explainer (method rotated_basis): trained and evaluated as usual on Qv "
+    "for a fixed random orthogonal Q (seeded by the explainer's seed). Under native-layer or early-add injection "
+    "the explainer's own basis becomes foreign, which separates privileged access from basis compatibility."
+)
+
+
 class FeatureEvalConfig(StrictModel):
     """What the features flow measures."""
 
@@ -300,6 +307,7 @@ class FeatureEvalConfig(StrictModel):
         "drops the layer number.",
     )
     ablation_roles: list[str] = Field(["self"], description="Roles that get the prompt-ablation explainers.")
+    rotated_basis_roles: list[str] = Field([], description=ROTATED_BASIS_ROLES)
     vector_controls: bool = Field(
         True,
         description="Also decode each trained explainer with v = 0 (method zero_vector) and with the vector of "
@@ -344,6 +352,7 @@ class OutcomeEvalConfig(StrictModel):
         "'- activation', '- layer', '- token'), each evaluated as its own method.",
     )
     ablation_roles: list[str] = Field(["self"], description="Roles that get the prompt-ablation explainers.")
+    rotated_basis_roles: list[str] = Field([], description="Patching only. " + ROTATED_BASIS_ROLES)
     vector_controls: bool = Field(
         True,
         description="Patching only: also decode each trained explainer with v = 0 (method zero_vector) and with "
@@ -396,14 +405,20 @@ class PatchingRecipe(_OutcomeRecipe):
     eval: OutcomeEvalConfig = Field(default_factory=OutcomeEvalConfig, description="Training caps and baselines.")
 
 
+class AblationEvalConfig(OutcomeEvalConfig):
+    """The ablation flow's evaluation: its questions carry no vector, so no prompt ablation by default (a
+    recipe that sets any other eval key must not inherit patching's)."""
+
+    prompt_ablations: list[Literal["no_activation", "no_layer", "no_token"]] = Field(
+        [], description="Must stay []: ablation questions carry no vector, layer or token string."
+    )
+
+
 class AblationRecipe(_OutcomeRecipe):
     """Recipe of the ablation flow: hint-removal ground truth, explainers, baselines, evaluation."""
 
     ablation: AblationConfig = Field(default_factory=AblationConfig, description="Questions and hint.")
-    eval: OutcomeEvalConfig = Field(
-        default_factory=lambda: OutcomeEvalConfig(prompt_ablations=[]),
-        description="Training caps and baselines.",
-    )
+    eval: AblationEvalConfig = Field(default_factory=AblationEvalConfig, description="Training caps and baselines.")
 
 
 class GridConfig(StrictModel):
@@ -526,12 +541,15 @@ RECIPES: dict[str, type[StrictModel]] = {
 }
 
 
-def check_ablation_roles(ablation_roles: list[str], prompt_ablations: list[str], explainers: dict[str, Any]) -> None:
-    """With prompt ablations asked for, every role in `eval.ablation_roles` must be a role of `explainers`."""
-    unknown = [r for r in ablation_roles if r not in explainers]
-    if unknown and prompt_ablations:
-        raise UserInputError("eval.ablation_roles", f"{unknown} are not explainer roles",
-                             f"use roles of `explainers`: {sorted(explainers)}")  # fmt: skip
+def check_roles(ev: "FeatureEvalConfig | OutcomeEvalConfig", explainers: dict[str, Any]) -> None:
+    """Every role that `eval.ablation_roles` (with prompt ablations asked for) or `eval.rotated_basis_roles`
+    names must be a role of `explainers`."""
+    for field, roles, used in (("ablation_roles", ev.ablation_roles, bool(ev.prompt_ablations)),
+                               ("rotated_basis_roles", ev.rotated_basis_roles, True)):  # fmt: skip
+        unknown = [r for r in roles if r not in explainers]
+        if unknown and used:
+            raise UserInputError(f"eval.{field}", f"{unknown} are not explainer roles",
+                                 f"use roles of `explainers`: {sorted(explainers)}")  # fmt: skip
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

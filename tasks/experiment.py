@@ -31,7 +31,7 @@ class Cell:
     n_train: int
     seed: int
     flat_baselines: bool  # this cell also scores the n_train-independent baselines
-    controls: bool  # this cell also runs the n_train-dependent controls (v = 0, prompt ablations)
+    controls: bool  # this cell also runs the n_train-dependent controls (v = 0, prompt ablations, rotated basis)
 
 
 def expand(recipe: ExperimentRecipe) -> list[Cell]:
@@ -47,7 +47,7 @@ def cell_recipe(recipe: ExperimentRecipe, cell: Cell) -> TaskRecipe:
     base = recipe.task_recipe(cell.task)
     flat = {"selfie": cell.flat_baselines} if cell.task == "features" else {"zero_shot": cell.flat_baselines}
     if not cell.controls:
-        flat |= {"vector_controls": False, "prompt_ablations": []}
+        flat |= {"vector_controls": False, "prompt_ablations": [], "rotated_basis_roles": []}
     explainers = {role: cfg.model_copy(update={"seed": cell.seed}) for role, cfg in base.explainers.items()}
     return base.model_copy(
         update={"explainers": explainers, "eval": base.eval.model_copy(update={"n_train": cell.n_train, **flat})}

@@ -12,6 +12,7 @@ Evaluate on the test split (a seeded `n_test` sample), every method on the same 
   zero_vector    patching: the trained explainer, same prompts, v = 0 (does it read v at all?)
   shuffled_vector  patching: the same, with the vector of another test row of the same chunk
   no_activation  patching: the explainer trained without v (no_layer, no_token likewise)
+  rotated_basis  patching: an explainer trained and asked as usual, reading Qv (Q a fixed random rotation)
   zero_shot      the explainer's untrained model with the paper's baseline prompt (App. H.2 / H.3)
   majority       the most frequent target sentence of the train rows
   position_bias  ablation: the majority flag plus the target's most frequent no-hint letter in train
@@ -32,7 +33,7 @@ from storage.store import Dataset, store_root
 from tasks import explainer as ex
 from tasks import models, outcomes
 from tasks.ablation import ablation_key
-from tasks.config import AblationRecipe, ExplainerConfig, PatchingRecipe, check_ablation_roles
+from tasks.config import AblationRecipe, ExplainerConfig, PatchingRecipe, check_roles
 from tasks.importers import check_import, import_act_patch, import_input_ablation
 from tasks.orchestration import progress_reporter, stage_task
 from tasks.patching import patching_key
@@ -77,10 +78,12 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
         if recipe.eval.n_train > n:
             raise UserInputError("eval.n_train", f"{recipe.eval.n_train} exceeds the {n} training rows of {gt.table}",
                                  f"use at most {n}, or build more ground truth")  # fmt: skip
-    check_ablation_roles(recipe.eval.ablation_roles, recipe.eval.prompt_ablations, recipe.explainers)
-    if isinstance(recipe, AblationRecipe) and recipe.eval.prompt_ablations:
-        raise UserInputError("eval.prompt_ablations", "ablation questions carry no vector, layer or token",
-                             "set it to []")  # fmt: skip
+    check_roles(recipe.eval, recipe.explainers)
+    if isinstance(recipe, AblationRecipe):
+        for field in ("prompt_ablations", "rotated_basis_roles"):
+            if getattr(recipe.eval, field):
+                raise UserInputError(f"eval.{field}", "ablation questions carry no vector, layer or token",
+                                     "set it to []")  # fmt: skip
 
 
 def load_rows(gt: Dataset, split: str, cap: int | None, seed: int) -> list[dict[str, Any]]:
@@ -110,7 +113,9 @@ def target_dims(task: str, gt: Dataset) -> tuple[int | None, int]:
 
 
 def _mode(variant: str) -> str:
-    return variant  # "trained", or the prompt ablation the explainer was trained with
+    """How an explainer's questions are put: its prompt ablation, or the trained prompts (the rotated-basis
+    control changes what the explainer reads, not what it is asked)."""
+    return "trained" if variant == ex.ROTATED else variant
 
 
 def explainer_key(recipe: OutcomeRecipe, role: str, variant: str) -> str:
@@ -127,10 +132,11 @@ def explainer_dataset(recipe: OutcomeRecipe, role: str, variant: str) -> Dataset
 
 
 def variants(recipe: OutcomeRecipe) -> list[tuple[str, str]]:
-    """(role, variant) of every explainer the flow trains."""
+    """(role, variant) of every explainer the flow trains: each role, its prompt ablations, its rotated basis."""
     out = [(role, "trained") for role in recipe.explainers]
     if isinstance(recipe, PatchingRecipe):
         out += [(role, v) for role in recipe.eval.ablation_roles for v in recipe.eval.prompt_ablations]
+        out += [(role, ex.ROTATED) for role in recipe.eval.rotated_basis_roles]
     return out
 
 
@@ -155,7 +161,8 @@ def train_outcome_explainer(recipe: OutcomeRecipe, role: str, variant: str, prog
 
     d_target, n_layers = target_dims(task, gt)
     meta = {"role": role, "variant": variant, "task": task, "gt": gt.key}
-    summary = ex.train_to_checkpoint(out, cfg, d_target, n_layers, make_queries, meta, progress)
+    rotation = cfg.seed if variant == ex.ROTATED else None
+    summary = ex.train_to_checkpoint(out, cfg, d_target, n_layers, make_queries, meta, progress, rotation)
     return {"path": str(out.path), **summary}
 
 
@@ -209,14 +216,17 @@ def evaluate(
         cfg = recipe.explainers[role]
         meta = ex.Explainer.meta(Path(path) / "checkpoint")
         n_train = int(meta["n_train"])
-        steps.append(Metric(run_id, task, recipe.target.name, cfg.model.name, _mode(variant), n_train, ev.seed,
+        steps.append(Metric(run_id, task, recipe.target.name, cfg.model.name, variant, n_train, ev.seed,
                             "train", "train_steps", float(meta["steps"]), 0.0, n_train))  # fmt: skip
         control = task == "patching" and variant == "trained" and ev.vector_controls
-        modes = [_mode(variant)] + (["zero_vector", "shuffled_vector"] if control else [])
-        for mode in modes:
+        # (method, how its questions are put): the variant itself, then the trained explainer's controls
+        methods = [(variant, _mode(variant))] + (
+            [(c, c) for c in ("zero_vector", "shuffled_vector")] if control else []
+        )
+        for method, mode in methods:
             qs = outcomes.queries(task, test, mode, ev.seed, with_answer=False)
-            outputs[(mode, cfg.model.name)] = explainer.generate(qs, cfg.max_new_tokens, cfg.eval_batch_size)
-            n_used[(mode, cfg.model.name)] = n_train
+            outputs[(method, cfg.model.name)] = explainer.generate(qs, cfg.max_new_tokens, cfg.eval_batch_size)
+            n_used[(method, cfg.model.name)] = n_train
         del explainer
         if progress:
             progress(f"{name} explainer decoded {len(test)} test rows")

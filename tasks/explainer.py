@@ -1,8 +1,8 @@
 """The continuous-token explainer: an LM that reads a vector through a placeholder token and explains it.
 
 The prompt carries the span ``[s] [v] [e]`` (three special tokens). The vector v from target layer ℓ becomes
-u = Π_ℓ v (v itself when the explainer and the target share a width) and enters at the payload token ``[v]``
-in one of three ways (`injection`):
+u = Π_ℓ v (v itself when the explainer and the target share a width; Π_ℓ Q v under the rotated-basis control,
+Q a fixed random orthogonal matrix) and enters at the payload token ``[v]`` in one of three ways (`injection`):
 
 - 'embedding' (the paper): u *replaces* the payload's input embedding. The replacement builds a new tensor with
   torch.where, so it cannot be lost to an out-of-place op whose result is discarded (paper R7, R9). What
@@ -98,7 +98,7 @@ def feature_queries(
 ) -> list[Query]:
     """Feature-description queries, one template drawn per example with a seeded RNG (R5). mode 'no_layer'
     drops the layer phrase; 'no_activation' puts "this feature" in place of the placeholder, so the query
-    carries no vector."""
+    carries no vector; any other mode ('trained', 'rotated_basis') asks with the trained templates."""
     templates = FEATURE_TEMPLATES_CHAT if chat else FEATURE_TEMPLATES_BASE
     rng = random.Random(seed)
     out = []
@@ -138,6 +138,17 @@ def check_injection(cfg: ExplainerConfig, layers: Sequence[int], n_target_layers
                              "drop that layer, or inject at the embedding or early_add")  # fmt: skip
 
 
+def basis_rotation(d: int, seed: int) -> torch.Tensor:
+    """Q [d, d]: a fixed random orthogonal matrix (QR of a seeded Gaussian, signs fixed so Q is Haar), built on
+    the CPU in float64 so every device and run gets the same Q from the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+ROTATED = "rotated_basis"  # the variant (and metrics method) of the rotated-basis control; Q seeded by cfg.seed
+
+
 def shuffled_donors(groups: Sequence[Hashable], seed: int) -> list[int]:
     """The shuffled-v control: for each item, the index of another item of its group (same target layer, same
     split) whose vector it is asked about instead; a seeded cycle through each group, so no item keeps its own
@@ -158,9 +169,15 @@ class Explainer(nn.Module):
     """An LM (possibly peft-wrapped) plus the projections Π_ℓ and the placeholder mechanism."""
 
     def __init__(
-        self, lm: models.LoadedModel, d_target: int | None, n_target_layers: int, cfg: ExplainerConfig
+        self,
+        lm: models.LoadedModel,
+        d_target: int | None,
+        n_target_layers: int,
+        cfg: ExplainerConfig,
+        rotation_seed: int | None = None,
     ) -> None:
-        """d_target None: a text-only explainer (no vectors, no projection)."""
+        """d_target None: a text-only explainer (no vectors, no projection). rotation_seed: the rotated-basis
+        control, every vector read as Qv (Q = basis_rotation(d_target, rotation_seed))."""
         super().__init__()
         self.lm, self.cfg = lm, cfg
         self.tokenizer = lm.tokenizer
@@ -176,6 +193,10 @@ class Explainer(nn.Module):
             # Norm of what the embedding module emits (Gemma's √d scale included), over the original vocabulary.
             sample = embed(torch.arange(min(4096, embed.num_embeddings - 3), device=embed.weight.device))
             self.register_buffer("embedding_norm", sample.float().norm(dim=-1).mean(), persistent=False)
+        self.rotation_seed = rotation_seed
+        self.rotation: torch.Tensor | None = None  # Q [d_M, d_M]: the rotated-basis control
+        if rotation_seed is not None:
+            self.rotation = basis_rotation(d_target, rotation_seed).to(lm.runtime.device)
         self.proj: nn.Parameter | None = None
         if cfg.projection == "always" or d_e != d_target:
             g = torch.Generator().manual_seed(cfg.seed)
@@ -222,6 +243,8 @@ class Explainer(nn.Module):
     def project(self, vectors: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
         """u = Π_ℓ v [B, d_E] (v itself without Π) from vectors [B, d_M] (float32, as stored) and layers [B]."""
         u = vectors.float()
+        if self.rotation is not None:
+            u = u.to(self.rotation.device) @ self.rotation.T  # [B, d_M]: row b is Q v_b
         if self.proj is not None:
             u = torch.einsum("bed,bd->be", self.proj[layers.to(self.proj.device)].float(), u.to(self.proj.device))
         return u
@@ -494,6 +517,7 @@ class Explainer(nn.Module):
             "config": self.cfg.model_dump(),
             "d_target": self.d_target,
             "n_target_layers": self.n_target_layers,
+            "rotation_seed": self.rotation_seed,
             "base": self.lm.resolved.identity,
             "chat": self.chat,
             **(extra or {}),
@@ -510,17 +534,19 @@ class Explainer(nn.Module):
         """Rebuild an explainer saved with `save`."""
         meta = cls.meta(path)
         cfg = ExplainerConfig.model_validate(meta["config"])
+        rotation = meta.get("rotation_seed")  # absent in checkpoints from before the control
         if device_override:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device_override})})
         if cfg.finetune == "full":
             model_cfg = cfg.model.model_copy(update={"name": str(path / "model")})
             lm = models.load(model_cfg)
-            explainer = cls(lm, meta["d_target"], meta["n_target_layers"], cfg)
+            explainer = cls(lm, meta["d_target"], meta["n_target_layers"], cfg, rotation)
         else:
             from peft import PeftModel
 
             lm = models.load(cfg.model)
-            explainer = cls(lm, meta["d_target"], meta["n_target_layers"], cfg.model_copy(update={"finetune": "full"}))
+            full = cfg.model_copy(update={"finetune": "full"})
+            explainer = cls(lm, meta["d_target"], meta["n_target_layers"], full, rotation)
             explainer.cfg = cfg
             explainer.model = PeftModel.from_pretrained(lm.model, path / "model").to(lm.runtime.device)
         if explainer.proj is not None:
@@ -704,10 +730,12 @@ def train_to_checkpoint(
     make_queries: Callable[["Explainer"], Sequence[Query]],
     meta: dict[str, Any],
     progress=None,
+    rotation_seed: int | None = None,
 ) -> dict[str, Any]:
     """Train an explainer of a target (width d_target) on `make_queries(explainer)` (a seeded `val_fraction`
-    held out for early stopping); write its checkpoint and loss history under `out`; mark it complete."""
-    explainer = Explainer(models.load(cfg.model), d_target, n_target_layers, cfg)
+    held out for early stopping); write its checkpoint and loss history under `out`; mark it complete.
+    rotation_seed: the rotated-basis control (see Explainer)."""
+    explainer = Explainer(models.load(cfg.model), d_target, n_target_layers, cfg, rotation_seed)
     queries = make_queries(explainer)
     order = np.random.default_rng(cfg.seed).permutation(len(queries))
     n_val = int(round(cfg.val_fraction * len(queries)))

@@ -28,7 +28,7 @@ from tasks import alignment, models
 from tasks import explainer as ex
 from tasks import labels as lab
 from tasks.activations import CachePlan, activations_dataset, plan_cache
-from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig, check_ablation_roles
+from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig, check_roles
 from tasks.llm import complete
 from tasks.orchestration import progress_reporter, stage_task
 from tasks.results import Metric, Prediction, record_run, recorded
@@ -58,7 +58,7 @@ def check_recipe(recipe: FeaturesRecipe) -> CachePlan:
                                      f"(layer_{layer}/cfg.json)", "save one SAE per cached layer, or train them")  # fmt: skip
     if not recipe.explainers:
         raise UserInputError("explainers", "no explainer configured", "add at least one role, e.g. self")
-    check_ablation_roles(recipe.eval.ablation_roles, recipe.eval.prompt_ablations, recipe.explainers)
+    check_roles(recipe.eval, recipe.explainers)
     for role, cfg in recipe.explainers.items():
         try:
             models.resolve(cfg.model)
@@ -237,8 +237,11 @@ def training_subset(fs: FeatureSet, n_train: int | None, seed: int) -> FeatureSe
 
 
 def explainer_names(recipe: FeaturesRecipe) -> list[str]:
-    """Every explainer the recipe trains: each role, then `<role>/<ablation>` per prompt ablation."""
-    return [*recipe.explainers, *(f"{r}/{a}" for r in recipe.eval.ablation_roles for a in recipe.eval.prompt_ablations)]
+    """Every explainer the recipe trains: each role, then `<role>/<ablation>` per prompt ablation, then
+    `<role>/rotated_basis` per rotated-basis role."""
+    ev = recipe.eval
+    return [*recipe.explainers, *(f"{r}/{a}" for r in ev.ablation_roles for a in ev.prompt_ablations),
+            *(f"{r}/{ex.ROTATED}" for r in ev.rotated_basis_roles)]  # fmt: skip
 
 
 def explainer_key(recipe: FeaturesRecipe, gt_key: str, name: str) -> str:
@@ -255,7 +258,8 @@ def explainer_dataset(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name
 
 def train_explainer(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: str, progress=None) -> dict[str, Any]:
     """Train explainer `name` (see explainer_names) on the train features; checkpoint under
-    tables/explainers/<key>. A '- activation' explainer is text-only: its queries carry no vector."""
+    tables/explainers/<key>. A '- activation' explainer is text-only: its queries carry no vector; a
+    rotated-basis explainer reads Qv through the trained prompts."""
     role, _, mode = name.partition("/")
     cfg = recipe.explainers[role]
     out = explainer_dataset(recipe, plan, gt_key, name)
@@ -266,7 +270,7 @@ def train_explainer(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: 
     summary = ex.train_to_checkpoint(
         out, cfg, None if mode == "no_activation" else target.hidden_size, target.num_hidden_layers,
         lambda e: ex.feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), e.chat, cfg.seed, mode or "trained"),
-        {"role": name, "gt": gt_key}, progress,
+        {"role": name, "gt": gt_key}, progress, cfg.seed if mode == ex.ROTATED else None,
     )  # fmt: skip
     return {"path": str(out.path), **summary}
 

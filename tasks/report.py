@@ -2,9 +2,10 @@
 
 Written to `<store>/reports/<experiment>/` (report.md and PNGs), built in a temp folder and renamed into place.
 Series: trained explainers by role (self = initialised from the target), nearest neighbour (features), the
-controls (zero_vector, shuffled_vector, no_activation / no_layer / no_token) as curves over n_train; the n_train-independent baselines (SelfIE,
-zero-shot, majority, position bias, gold) as flat lines. Values are x100; ± is one SE (the run's own SE for a
-single seed, the SE over seeds otherwise). An ordering "held" when the difference exceeds twice its SE.
+controls (zero_vector, shuffled_vector, rotated_basis, no_activation / no_layer / no_token) as curves over
+n_train; the n_train-independent baselines (SelfIE, zero-shot, majority, position bias, gold) as flat lines.
+Values are x100; ± is one SE (the run's own SE for a single seed, the SE over seeds otherwise). An ordering
+"held" when the difference exceeds twice its SE, paired over the same items where predictions allow.
 """
 
 import json
@@ -20,6 +21,7 @@ import numpy as np
 import prefect
 import pyarrow as pa
 
+from storage.catalog import PAIRED_GAINS_SQL
 from storage.errors import UserInputError
 from storage.store import Dataset, complete_datasets, sweep_stale_temps
 from tasks.orchestration import RETRIES, retry_transient
@@ -41,6 +43,7 @@ CURVES = (
     "nearest_neighbor_layerwise",
     "zero_vector",
     "shuffled_vector",
+    "rotated_basis",
     "no_activation",
     "no_layer",
     "no_token",
@@ -107,6 +110,7 @@ def series_name(method: str, model: str, target: str) -> str:
         "trained": role,
         "zero_vector": f"{role}, v = 0",
         "shuffled_vector": f"{role}, shuffled v",
+        "rotated_basis": f"{role}, rotated basis",
         "no_activation": f"{role}, - activation",
         "no_layer": f"{role}, - layer",
         "no_token": f"{role}, - token",
@@ -224,8 +228,42 @@ def _fmt(point: tuple[float, float] | None) -> str:
     return "–" if point is None else f"{100 * point[0]:.1f} ± {100 * point[1]:.1f}"
 
 
-def orderings(table: dict[tuple, dict[str, dict[int, tuple[float, float]]]], tasks: list[str]) -> list[str]:
-    """Plain statements: does self beat other, the baselines and its own v = 0 control at the largest n_train?"""
+def paired_gains(root: Path, cells: list[dict[str, Any]], target: str) -> dict[tuple, tuple[float, float]]:
+    """{(task, split, n_train, series, rival series): (gain, SE)}: each trained explainer against every method
+    scored on the same items of its cell (the catalog's `paired_gains`, over the cells' predictions). One seed:
+    the paired SE of the run; several: the SE over seeds of the per-seed gains."""
+    files = [str(p) for c in cells for p in Dataset(root, "predictions", c["run_id"]).shard_files()]
+    if not files:
+        return {}
+    con = duckdb.connect()
+    con.execute(f"create view predictions as select * from read_parquet({files})")
+    con.execute(PAIRED_GAINS_SQL)
+    con.register("cells", pa.Table.from_pylist(cells))
+    rows = con.execute(
+        "select g.task, g.split, c.n_train, g.explainer_model, g.rival_method, g.rival_model, g.gain, g.se "
+        "from paired_gains g join cells c using (run_id)"
+    ).fetchall()
+    groups: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for task, split, n, model, rival_method, rival_model, gain, se in rows:
+        rival = series_name(rival_method, rival_model, target)
+        groups[(task, split, n, series_name("trained", model, target), rival)].append((gain, se))
+    out = {}
+    for key, gains in groups.items():
+        values = np.array([g for g, _ in gains])
+        se = gains[0][1] if len(gains) == 1 else float(values.std(ddof=1) / np.sqrt(len(gains)))
+        out[key] = (float(values.mean()), float(se))
+    return out
+
+
+def orderings(
+    table: dict[tuple, dict[str, dict[int, tuple[float, float]]]],
+    tasks: list[str],
+    paired: dict[tuple, tuple[float, float]] | None = None,
+) -> list[str]:
+    """Plain statements: does self beat other, the baselines and its own controls at the largest n_train? The
+    difference's SE is paired (same items, from `paired_gains`) where the predictions allow, else the two
+    SEs combined as if independent (said so)."""
+    paired = paired or {}
     lines = []
     for task in tasks:
         metric, split = METRICS[task][0]
@@ -237,27 +275,49 @@ def orderings(table: dict[tuple, dict[str, dict[int, tuple[float, float]]]], tas
         rivals = [
             s
             for s in series
-            if s.startswith("other (") and not s.endswith(("v = 0", "zero-shot", "activation", "layer", "token"))
+            if s.startswith("other (")
+            and not s.endswith(("v = 0", "shuffled v", "rotated basis", "zero-shot", "activation", "layer", "token"))
         ]
         rivals += [s for s in series if not s.startswith(("self", "other")) and s != "gold labels"]
-        rivals += ["self, v = 0", "self, - activation", "self, - layer", "self, - token", "self untrained, zero-shot"]
+        rivals += [f"self, {c}" for c in ("v = 0", "shuffled v", "rotated basis", "- activation", "- layer",
+                                           "- token")] + ["self untrained, zero-shot"]  # fmt: skip
         for rival in rivals:
             if rival not in series:
                 continue
             theirs = series[rival].get(n_max, series[rival].get(-1))
             if theirs is None:
                 continue
-            diff, se = mine[0] - theirs[0], float(np.hypot(mine[1], theirs[1]))
+            if (task, split, n_max, "self", rival) in paired:
+                (diff, se), how = paired[(task, split, n_max, "self", rival)], "paired"
+            else:
+                diff, se, how = mine[0] - theirs[0], float(np.hypot(mine[1], theirs[1])), "unpaired"
             verdict = "held" if diff > 2 * se else "reversed" if diff < -2 * se else "not resolved"
             lines.append(f"- {task}, {metric} ({split}), n_train={n_max}: self {_fmt(mine)} vs {rival} "
-                         f"{_fmt(theirs)}: self > {rival} **{verdict}** (Δ = {100 * diff:+.1f} ± {100 * se:.1f})")  # fmt: skip
+                         f"{_fmt(theirs)}: self > {rival} **{verdict}** (Δ = {100 * diff:+.1f} ± {100 * se:.1f}, "
+                         f"{how})")  # fmt: skip
     return lines
+
+
+def steps_table(steps: dict[str, dict[int, tuple[float, float]]]) -> list[str]:
+    """Markdown lines: the optimizer steps behind every trained point (mean over seeds), so an under-trained
+    point of a data-efficiency curve reads as one."""
+    if not steps:
+        return []
+    sizes = sorted({n for pts in steps.values() for n in pts})
+    lines = ["### optimizer steps (train_steps)", "", "| series | " + " | ".join(f"n={n}" for n in sizes) + " |",
+             "|---" * (len(sizes) + 1) + "|"]  # fmt: skip
+    for name in sorted(steps):
+        cells = [f"{steps[name][n][0]:.0f}" if n in steps[name] else "–" for n in sizes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def write_report(root: Path, experiment: str) -> Path:
     """Render report.md and the plots of one experiment; returns the report's path."""
     rows, recipe = load_results(root, experiment)
     table = aggregate(rows)
+    cells = [r for t in Dataset(root, "experiment_cells", experiment).iter_shards() for r in t.to_pylist()]
+    paired = paired_gains(root, cells, recipe["target"]["name"])
     final = root / "reports" / experiment
     (root / "reports").mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(root / "reports")
@@ -270,7 +330,12 @@ def write_report(root: Path, experiment: str) -> Path:
              f"Target **{target}**; tasks {', '.join(tasks)}; n_train {recipe['grid']['n_train']}; "
              f"seeds {recipe['grid']['seeds']}. Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
              "Values x100, ± one SE. Flat baselines do not depend on n_train.", ""]  # fmt: skip
-    lines += ["## Orderings of the paper, here", "", *(orderings(table, tasks) or ["- no trained self explainer"]), ""]
+    lines += [
+        "## Orderings of the paper, here",
+        "",
+        *(orderings(table, tasks, paired) or ["- no trained self explainer"]),
+        "",
+    ]
     headline = {}
     for task in tasks:
         lines += [f"## {TASK_TITLES[task]}", ""]
@@ -293,6 +358,7 @@ def write_report(root: Path, experiment: str) -> Path:
             if (metric, split) == METRICS[task][0]:
                 headline[task] = {s: max(((n, p) for n, p in pts.items() if n != -1), default=(0, None))[1]
                                   for s, pts in series.items() if s == "self" or (s.startswith("other (") and "," not in s)}  # fmt: skip
+        lines += steps_table(table.get((task, "train_steps", "train"), {}))
     headline = {t: {s: p for s, p in h.items() if p is not None} for t, h in headline.items() if h}
     if headline:
         plot_self_vs_other(headline, tmp / "self-vs-other.png")

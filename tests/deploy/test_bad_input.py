@@ -76,6 +76,8 @@ CASES = [
     ("import-half", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", f"patching.import_train={f['missing_cols']}", "--home", s], "error: patching.import_test: is missing"),
     ("import-missing-columns", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", f"patching.import_train={f['missing_cols']}", "--set", f"patching.import_test={f['missing_cols']}", "--home", s], "error: patching.import_train: "),
     ("unknown-role", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", "eval.ablation_roles=[ghost]", "--home", s], "error: eval.ablation_roles: ['ghost'] are not explainer roles"),
+    ("unknown-rotated-role", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", "eval.rotated_basis_roles=[ghost]", "--home", s], "error: eval.rotated_basis_roles: ['ghost'] are not explainer roles"),
+    ("ablation-has-no-basis", lambda f, s: ["run", "ablation", *TINY_PATCHING, "--set", "eval.rotated_basis_roles=[self]", "--home", s], "error: eval.rotated_basis_roles: ablation questions carry no vector"),
     ("ablation-has-no-activation", lambda f, s: ["run", "ablation", *TINY_PATCHING, "--set", "eval.prompt_ablations=[no_activation]", "--home", s], "error: eval.prompt_ablations: ablation questions carry no vector"),
     ("unknown-prompt-ablation", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", "eval.prompt_ablations=[no_vibes]", "--home", s], "error: recipe field 'eval.prompt_ablations.0'"),
     ("residual-after-last-block", lambda f, s: ["run", "calibrate", *TINY_CALIBRATE, "--set", "cache.layers=[1,3]", "--set", "calibration.injections=[residual]", "--home", s], "error: explainer.injection: 'residual' writes target layer 3's vector after the explainer's last block"),

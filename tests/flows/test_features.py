@@ -29,6 +29,7 @@ def tiny_features_recipe(home: Path, corpus: Path) -> FeaturesRecipe:
                 "simulator": "tiny-llama",
                 "selfie_scales": [1, 10],
                 "prompt_ablations": ["no_activation", "no_layer"],
+                "rotated_basis_roles": ["self"],
             },
         }
     )
@@ -51,10 +52,14 @@ def test_features_flow_fills_the_result_contract(tmp_path, text_file):
         ("zero_vector", "tiny-llama"), ("zero_vector", "tiny-gemma3"),
         ("shuffled_vector", "tiny-llama"), ("shuffled_vector", "tiny-gemma3"),
         ("no_activation", "tiny-llama"), ("no_layer", "tiny-llama"),  # the self explainer's prompt ablations
+        ("rotated_basis", "tiny-llama"),  # and its rotated-basis control
     }  # fmt: skip
+    steps = con.execute("select method, value from metrics where metric = 'train_steps' and explainer_model = "
+                        "'tiny-llama' order by method").fetchall()  # fmt: skip
+    assert steps == [(m, 2.0) for m in ("no_activation", "no_layer", "rotated_basis", "trained")]  # 27 rows / 16
     assert all(n == 8 and 0 <= v <= 1 and se == se for _, _, v, se, n in rows)  # se is not NaN
     for split in ("ood_act", "ood_delta"):  # every method but gold
-        assert con.execute(f"select count(*) from metrics where split = '{split}'").fetchone()[0] == 12
+        assert con.execute(f"select count(*) from metrics where split = '{split}'").fetchone()[0] == 13
     # Privileged-access diagnostics: both scores for both trained explainers (not for the prompt ablations)
     aligned = con.execute("select explainer_model, metric, value, n from metrics where task = 'alignment' "
                           "order by all").fetchall()  # fmt: skip
@@ -76,7 +81,7 @@ def test_features_flow_fills_the_result_contract(tmp_path, text_file):
     assert labels[0] > 8 and labels[1] == 2
     assert con.execute("select status from runs").fetchone() == ("completed",)
     judged = con.execute("select count(*) from metrics where metric = 'judge_score' and value between 0 and 1")
-    assert judged.fetchone() == (12,)  # the tiny judge rarely answers a digit: unparseable replies count as 0
+    assert judged.fetchone() == (13,)  # the tiny judge rarely answers a digit: unparseable replies count as 0
     con.close()
     again = features(recipe)  # a rerun trains nothing and writes no new rows
     assert again["results"]["run_id"] == result["results"]["run_id"]

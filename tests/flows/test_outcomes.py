@@ -29,7 +29,7 @@ def tiny_patching_recipe(home) -> PatchingRecipe:
         target=ModelConfig(name="tiny-llama", **TINY),
         patching={"n_pairs": 6, "positions_per_pair": 6, "n_chunks": 2, "cell_cap": 50, "pairs_per_shard": 3},
         explainers=tiny_explainers(),
-        eval={"n_train": 24, "n_test": 10, "max_prompt_tokens": 4000},
+        eval={"n_train": 24, "n_test": 10, "max_prompt_tokens": 4000, "rotated_basis_roles": ["self"]},
     )
 
 
@@ -45,7 +45,7 @@ def tiny_ablation_recipe(home) -> AblationRecipe:
 
 PATCHING_METHODS = {("trained", "tiny-llama"), ("trained", "tiny-gemma3"), ("zero_vector", "tiny-llama"),
                     ("zero_vector", "tiny-gemma3"), ("shuffled_vector", "tiny-llama"), ("shuffled_vector", "tiny-gemma3"),
-                    ("no_activation", "tiny-llama"), ("zero_shot", "tiny-llama"),
+                    ("no_activation", "tiny-llama"), ("rotated_basis", "tiny-llama"), ("zero_shot", "tiny-llama"),
                     ("zero_shot", "tiny-gemma3"), ("majority", "")}  # fmt: skip
 ABLATION_METHODS = {("trained", "tiny-llama"), ("trained", "tiny-gemma3"), ("zero_shot", "tiny-llama"),
                     ("zero_shot", "tiny-gemma3"), ("majority", ""), ("position_bias", "")}  # fmt: skip

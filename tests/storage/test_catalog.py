@@ -29,6 +29,28 @@ def test_views_cover_complete_datasets_only(home):
     assert con.execute("select count(*) from datasets where tbl = 'numbers'").fetchone() == (2,)
 
 
+def test_paired_gains_compare_a_trained_explainer_with_every_method_on_the_same_items(home):
+    ds = Dataset(home, "predictions", "run1")
+    ds.create({"run_id": "run1"})
+    rows = [  # (example, model, method, score): trained beats v = 0 by 1, 0 and 0.5 on three items
+        ("e1", "m", "trained", 1.0), ("e2", "m", "trained", 0.5), ("e3", "m", "trained", 0.5),
+        ("e1", "m", "zero_vector", 0.0), ("e2", "m", "zero_vector", 0.5), ("e3", "m", "zero_vector", 0.0),
+        ("e1", "", "gold", 1.0), ("e2", "", "gold", 1.0), ("e3", "", "gold", 1.0),
+    ]  # fmt: skip
+    ds.write_shard(0, pa.Table.from_pylist([
+        {"run_id": "run1", "task": "t", "example_id": e, "explainer_model": m, "method": k, "split": "test",
+         "prediction": "", "reference": "", "score": v} for e, m, k, v in rows]))  # fmt: skip
+    ds.mark_complete({"rows": len(rows)})
+    refresh_catalog(home)
+    got = (
+        connect_read_only(home)
+        .execute("select explainer_model, rival_model, rival_method, n, gain, se from paired_gains")
+        .fetchall()
+    )
+    # diffs 1, 0, 0.5: mean 0.5, sample sd 0.5, se 0.5 / sqrt(3); gold is no rival
+    assert got == [("m", "m", "zero_vector", 3, 0.5, pytest.approx(0.5 / np.sqrt(3)))]
+
+
 def test_catalog_is_read_only_for_users_and_opens_with_stock_duckdb(home):
     _dataset(home, "a", [1])
     refresh_catalog(home)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from storage.errors import UserInputError
-from tasks.config import RECIPES, CacheRecipe, load_recipe
+from tasks.config import RECIPES, AblationRecipe, CacheRecipe, load_recipe
 
 RECIPE_DIR = Path(__file__).parents[2] / "recipes"
 
@@ -69,3 +69,9 @@ def test_every_config_field_is_documented():
 
     for recipe in RECIPES.values():
         walk(recipe)
+
+
+def test_an_ablation_eval_key_set_alone_keeps_prompt_ablations_empty():
+    # setting one eval key builds the eval section from its field defaults: ablation's must not be patching's
+    recipe = AblationRecipe.model_validate({"eval": {"n_test": 5}})
+    assert recipe.eval.n_test == 5 and recipe.eval.prompt_ablations == []

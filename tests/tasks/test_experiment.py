@@ -23,14 +23,16 @@ def test_grid_expands_task_by_seed_by_size_with_flat_baselines_once_per_task():
 def test_controls_run_only_in_their_cells():
     recipe = ExperimentRecipe(
         target=ModelConfig(name="tiny-llama"),
-        features={"eval": {"prompt_ablations": ["no_activation", "no_layer"]}},
-        patching={"eval": {"prompt_ablations": ["no_activation"]}},
+        features={"eval": {"prompt_ablations": ["no_activation", "no_layer"], "rotated_basis_roles": ["self"]}},
+        patching={"eval": {"prompt_ablations": ["no_activation"], "rotated_basis_roles": ["self"]}},
     )
     for task in ("features", "patching"):
         without = cell_recipe(recipe, Cell(task, 8, 0, False, False)).eval
         assert without.prompt_ablations == [] and without.vector_controls is False
+        assert without.rotated_basis_roles == []
         with_ = cell_recipe(recipe, Cell(task, 16, 0, True, True)).eval
         assert with_.prompt_ablations == getattr(recipe, task).eval.prompt_ablations and with_.vector_controls is True
+        assert with_.rotated_basis_roles == ["self"]
 
 
 def test_a_cell_is_its_task_recipe_with_this_size_seed_store_and_target():

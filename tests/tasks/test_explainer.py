@@ -10,6 +10,7 @@ from tasks.explainer import (
     SPAN,
     Explainer,
     Query,
+    basis_rotation,
     feature_queries,
     shuffled_donors,
     step_budget,
@@ -17,11 +18,11 @@ from tasks.explainer import (
 )
 
 
-def make_explainer(name="tiny-llama", d_target=64, n_layers=4, **cfg) -> Explainer:
+def make_explainer(name="tiny-llama", d_target=64, n_layers=4, rotation_seed=None, **cfg) -> Explainer:
     """An explainer on a tiny model; fp32 reference precision so comparisons are exact."""
     settings = {"model": ModelConfig(name=name, autocast="none"), "finetune": "full", "vector_norm": "raw", **cfg}
     config = ExplainerConfig(**settings)
-    return Explainer(models.load(config.model), d_target, n_layers, config)
+    return Explainer(models.load(config.model), d_target, n_layers, config, rotation_seed)
 
 
 def _batch(ex: Explainer, vectors: np.ndarray, text: str = f"What does {SPAN} encode at layer 2?"):
@@ -340,3 +341,27 @@ def test_shuffled_donors_give_each_item_another_vector_of_its_group():
     assert sorted(donor) == list(range(7))  # a permutation
     assert all(d != i and groups[d] == groups[i] for i, d in enumerate(donor[:6]))
     assert donor[6] == 6  # alone in its group: keeps its own vector
+
+
+def test_basis_rotation_is_a_fixed_orthogonal_matrix_per_seed():
+    q = basis_rotation(6, seed=3)
+    torch.testing.assert_close(q @ q.T, torch.eye(6), rtol=0, atol=1e-6)
+    assert torch.equal(q, basis_rotation(6, seed=3)) and not torch.allclose(q, basis_rotation(6, seed=4))
+    # a 2-d rotation or reflection: |Q e1| = 1 and Q e1 is orthogonal to Q e2
+    q2 = basis_rotation(2, seed=0)
+    assert float(q2[:, 0] @ q2[:, 1]) == pytest.approx(0.0, abs=1e-7) and float(q2[:, 0].norm()) == pytest.approx(1.0)
+
+
+def test_rotated_basis_writes_qv_and_a_checkpoint_keeps_q(tmp_path):
+    ex = make_explainer(injection="residual", rotation_seed=11)  # vector_norm raw: Qv is written as given
+    v = np.random.default_rng(8).normal(size=(1, 64))
+    b = _batch(ex, v)
+    pos = int((b["input_ids"][0] == ex.payload_id).nonzero())
+    qv = basis_rotation(64, 11) @ torch.tensor(v[0], dtype=torch.float32)
+    torch.testing.assert_close(_block_outputs(ex, b, [2])[2][0, pos], qv, rtol=1e-5, atol=1e-5)
+    plain = make_explainer(injection="residual")  # the same weights read v itself
+    assert not torch.allclose(_block_outputs(plain, b, [2])[2][0, pos], qv)
+    ex.save(tmp_path / "ckpt")
+    again = Explainer.load(tmp_path / "ckpt")
+    assert again.rotation_seed == 11 and torch.equal(again.rotation, ex.rotation)
+    torch.testing.assert_close(_logits(again, b), _logits(ex, b), rtol=1e-5, atol=1e-5)

@@ -4,7 +4,7 @@ import pyarrow as pa
 
 from storage.store import Dataset
 from tasks.report import latest_experiment, write_report
-from tasks.results import METRIC_SCHEMA
+from tasks.results import METRIC_SCHEMA, PREDICTION_SCHEMA
 
 
 def _metric(run_id, task, model, method, n_train, metric, value, se, split="test"):
@@ -34,7 +34,8 @@ def fixture_experiment(root):
         _metric(run, "patching", "tgt", "trained", n, "exact_match", 0.2 + n / 500, 0.02),
         _metric(run, "patching", "other-lm", "trained", n, "exact_match", 0.25, 0.02),
         _metric(run, "patching", "", "majority", n, "exact_match", 0.3, 0.02),
-        _metric(run, "patching", "tgt", "zero_shot", 0, "exact_match", 0.01 if flat else 0.99, 0.01)])  # fmt: skip
+        _metric(run, "patching", "tgt", "zero_shot", 0, "exact_match", 0.01 if flat else 0.99, 0.01),
+        _metric(run, "patching", "tgt", "trained", n, "train_steps", 30 + n // 2, 0.0, split="train")])  # fmt: skip
 
 
 def test_report_tables_plots_and_orderings(home):
@@ -45,11 +46,33 @@ def test_report_tables_plots_and_orderings(home):
     assert "| self | 22.0 ± 2.0 | 40.0 ± 2.0 | – |" in text  # the curve, x100 with SEs
     assert "| other (other-lm) | 25.0 ± 2.0 | 25.0 ± 2.0 | – |" in text
     assert "| self untrained, zero-shot | – | – | 1.0 ± 1.0 |" in text  # flat: from the flat cell only
-    assert "self > other (other-lm) **held** (Δ = +15.0 ± 2.8)" in text
+    assert "self > other (other-lm) **held** (Δ = +15.0 ± 2.8, unpaired)" in text  # no predictions to pair
     assert "self > majority answer **held**" in text
     assert "Paper (§6, 8B targets): self (Llama-3.1-8B) 48.6" in text
+    assert "| series | n=10 | n=100 |\n|---|---|---|\n| self | 35 | 80 |" in text  # the steps behind each point
     for png in ("patching-exact_match-test.png", "self-vs-other.png"):
         assert (path.parent / png).stat().st_size > 5000 and f"({png})" in text
+
+
+def test_orderings_pair_the_differences_over_the_same_items(home):
+    fixture_experiment(home)
+    # the largest cell's predictions: self's exact match 1, 1, 0, 1 against v = 0's 0, 1, 0, 0 on four rows
+    rows = [(e, "tgt", "trained", a) for e, a in zip("abcd", (1, 1, 0, 1), strict=True)]
+    rows += [(e, "tgt", "zero_vector", b) for e, b in zip("abcd", (0, 1, 0, 0), strict=True)]
+    ds = Dataset(home, "predictions", "patching-run100")
+    ds.create({})
+    ds.write_shard(0, pa.Table.from_pylist([
+        {"run_id": "patching-run100", "task": "patching", "example_id": e, "explainer_model": m, "method": k,
+         "split": "test", "prediction": "", "reference": "", "score": float(v)} for e, m, k, v in rows],
+        schema=PREDICTION_SCHEMA))  # fmt: skip
+    ds.mark_complete({})
+    m = Dataset(home, "metrics", "patching-run100")  # v = 0's metric row beside the fixture's
+    extra = pa.Table.from_pylist([_metric("patching-run100", "patching", "tgt", "zero_vector", 100, "exact_match",
+                                          0.25, 0.2)], schema=METRIC_SCHEMA)  # fmt: skip
+    m.write_shard(1, extra)
+    text = write_report(home, "exp1").read_text()
+    # the predictions, not the metric rows, give the paired difference: diffs 1, 0, 0, 1: mean 0.5, sample sd 0.577, paired se 0.289 -> 50.0 ± 28.9, not resolved (< 2 SE)
+    assert "self > self, v = 0 **not resolved** (Δ = +50.0 ± 28.9, paired)" in text
 
 
 def test_alignment_rows_get_their_table_the_paper_numbers_and_the_quality_scatter(home):
@@ -66,6 +89,6 @@ def test_alignment_rows_get_their_table_the_paper_numbers_and_the_quality_scatte
     assert (
         "| self | 95.0 ± 1.0 | 95.0 ± 1.0 | – |" in text and "| other (other-lm) | 5.0 ± 1.0 | 5.0 ± 1.0 | – |" in text
     )
-    assert "self > other (other-lm) **held** (Δ = +90.0 ± 1.4)" in text
+    assert "self > other (other-lm) **held** (Δ = +90.0 ± 1.4, unpaired)" in text
     assert "Paper (§6, 8B targets): Llama-3-8B (sibling) 96.6" in text
     assert (path.parent / "quality-vs-alignment.png").stat().st_size > 5000 and "(quality-vs-alignment.png)" in text
