@@ -1,13 +1,17 @@
 """Benchmark the exemplar query: top-20 contexts per feature from the sparse feature-activation table
 (the SQL of tasks.sae.write_exemplars) at 1M and 10M rows of synthetic Parquet, timed in DuckDB (median of
-3). Agreement: the result equals a NumPy reference on the 1M table.
+3). Agreement: the result equals a NumPy reference on the 1M table. Beside it, the cost of the catalog's
+integrity checks on the same files (storage/catalog.py): the sha256 a refresh computes once per new shard, and
+the stat of every shard that `selfexplain sql` makes before each query.
 
     .venv/bin/python bench/sql_exemplars.py [--quick]
 
-Ends with `RESULT exemplars_1m_s <s> goal -` and `RESULT exemplars_10m_s <s> goal 2`.
+Ends with `RESULT exemplars_1m_s <s> goal -` and `RESULT exemplars_10m_s <s> goal 2`, each after its
+`RESULT verify_<n>m_s` (sha256 of every shard) and `RESULT stat_check_<n>m_ms` (stat of every shard).
 """
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -20,6 +24,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from storage.hashing import file_sha256  # noqa: E402
 from storage.store import write_parquet  # noqa: E402
 from tasks.sae import exemplars_sql  # noqa: E402
 
@@ -83,6 +88,15 @@ def main() -> None:
                     )
                 )
                 print(f"agreement with the NumPy reference: {got == reference_top(files)}")
+            t = time.perf_counter()
+            for f in files:
+                file_sha256(f)
+            print(f"RESULT verify_{label}_s {time.perf_counter() - t:.2f} goal -")
+            t = time.perf_counter()
+            for _ in range(100):
+                for f in files:
+                    os.stat(f)
+            print(f"RESULT stat_check_{label}_ms {(time.perf_counter() - t) * 10:.3f} goal -")
             print(
                 f"RESULT exemplars_{label}_s {statistics.median(times):.2f} goal {'2' if rows == 10_000_000 else '-'}"
             )

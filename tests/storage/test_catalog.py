@@ -83,9 +83,7 @@ def store(home):
     return home
 
 
-@pytest.mark.parametrize(
-    "query, problem",
-    [
+REFUSED = [
         ("create table t as select 1", "create statements are refused"),
         ("copy (select 1) to '{outside}/leak.csv'", "copy statements are refused"),
         ("select * from read_csv('/etc/passwd')", "file system operations are disabled"),
@@ -96,8 +94,18 @@ def store(home):
         ("set enable_external_access = true", "set statements are refused"),
         ("select 1; drop view numbers", "drop statements are refused"),
         ("selec 1", "syntax error"),
-    ],
-)
+        # EXPLAIN ANALYZE runs what it wraps: judged by that, in every spelling of its options
+        ("explain analyze copy (select 'x' as x) to '{home}/tables/numbers/a/part-00000.parquet'", "copy statements"),
+        ("EXPLAIN  ANALYZE copy (select 1) to '{home}/new' (format parquet, partition_by x)", "copy statements"),
+        ("explain (analyze) copy (select 1 as x) to '{home}/catalog.duckdb'", "copy statements"),
+        ("explain (analyze, format json) create temp table t as select 1", "create statements"),
+        ("explain analyze insert into numbers values (1)", "insert statements"),
+        ("explain analyze checkpoint", "call statements"),
+        ("select 1; explain analyze copy (select ')(') to '{home}/x.csv'", "copy statements"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("query, problem", REFUSED)
 def test_sql_entry_point_refuses_writes_escapes_and_extensions(store, tmp_path, query, problem):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -106,6 +114,61 @@ def test_sql_entry_point_refuses_writes_escapes_and_extensions(store, tmp_path, 
         run_query(store, query.format(outside=outside, home=store))
     assert problem in str(err.value).lower() and str(err.value).startswith("query: ")
     assert list(outside.iterdir()) == []  # nothing written outside the store
+
+
+def test_no_sql_statement_writes_a_byte_under_the_store(store, tmp_path):
+    """Every refused statement of the catalogue above, and the reads below, leave the store's files (names,
+    sizes, sha256) as they were; DuckDB's temp directory is not inside the store."""
+    from storage.hashing import file_sha256
+
+    def files() -> dict[str, tuple[int, str]]:
+        return {str(p.relative_to(store)): (p.stat().st_size, file_sha256(str(p)))
+                for p in sorted(store.rglob("*")) if p.is_file()}  # fmt: skip
+
+    before = files()
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    refused = [q for q, _ in REFUSED]
+    reads = ["explain analyze select sum(x) from numbers", "explain (format json) select 1", "summarize numbers",
+             "select * from numbers order by x"]  # fmt: skip
+    for query in refused + reads:
+        try:
+            run_query(store, query.format(outside=outside, home=store))
+        except UserInputError:
+            pass  # refused: the point is what it left on disk
+    assert files() == before
+    ((temp,),) = run_query(store, "select current_setting('temp_directory')")[1]
+    assert not temp.startswith(str(store.resolve())) and temp
+
+
+def test_a_shard_changed_after_the_refresh_is_never_served(store):
+    path = Dataset(store, "numbers", "a").shard_files()[0]
+    good = path.read_bytes()
+    path.write_bytes(good[:-8])  # truncated
+    with pytest.raises(UserInputError, match=r"^store: .*part-00000.parquet changed after the catalog verified it"):
+        run_query(store, "select sum(x) from numbers")
+    path.write_bytes(good)  # same bytes, a new mtime: refused until a refresh verifies them again
+    with pytest.raises(UserInputError, match="changed after the catalog verified it"):
+        run_query(store, "select 1")
+    refresh_catalog(store)
+    assert run_query(store, "select sum(x) from numbers")[1] == [(6,)]
+    tampered = bytearray(good)
+    tampered[len(good) // 2] ^= 0xFF  # same size, other bytes: the refresh's sha256 catches it
+    path.write_bytes(bytes(tampered))
+    refresh_catalog(store)
+    assert not path.exists() and not Dataset(store, "numbers", "a").is_complete()  # withdrawn
+    with pytest.raises(UserInputError, match="Catalog Error"):
+        run_query(store, "select * from numbers")
+
+
+def test_a_refresh_hashes_only_shards_it_has_not_verified(store, monkeypatch):
+    import storage.catalog as catalog
+
+    hashed = []
+    monkeypatch.setattr(catalog, "file_sha256", lambda p: hashed.append(p) or "x")
+    _dataset(store, "b", [10])
+    refresh_catalog(store)  # dataset a was verified by the fixture's refresh; b is new (and "damaged" here)
+    assert [p.split("/")[-2] for p in hashed] == ["b"]
 
 
 def test_sql_entry_point_reads_every_view_and_table(store):
