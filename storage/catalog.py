@@ -219,7 +219,12 @@ def connect_sandboxed(root: Path, temp_dir: Path) -> duckdb.DuckDBPyConnection:
 
 def check_unchanged(con: duckdb.DuckDBPyConnection) -> None:
     """Refuse when a shard the catalog lists differs in size or mtime from what its refresh verified."""
-    for path, size, mtime_ns in con.execute("SELECT path, bytes, mtime_ns FROM manifest").fetchall():
+    try:
+        listed = con.execute("SELECT path, bytes, mtime_ns FROM manifest").fetchall()
+    except duckdb.BinderException:
+        raise UserInputError("store", "the catalog predates its integrity records",
+                             "run `selfexplain catalog` to rebuild it") from None  # fmt: skip
+    for path, size, mtime_ns in listed:
         p = Path(path)
         if not p.is_file() or _stat(p) != (path, size, mtime_ns):
             raise UserInputError("store", f"{path} changed after the catalog verified it",
