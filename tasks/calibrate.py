@@ -30,14 +30,17 @@ from storage.store import Dataset
 from tasks import explainer as ex
 from tasks import models
 from tasks.activations import CachePlan, activations_dataset, plan_cache
-from tasks.config import CalibrateRecipe
+from tasks.config import CalibrateRecipe, ExplainerConfig
+from tasks.corpus import ContextTexts
 from tasks.orchestration import progress_reporter, stage_task
+from tasks.projection import fit_projection
 from tasks.results import Metric, Prediction, record_run, recorded
 from tasks.sae import layer_activations
 from tasks.simulate import mean_se
 
 STAGE = "calibrate"
 STAGE_VERSION = 1
+FITTED = "embedding_fitted"  # the mode of calibration.injections with a fitted Π
 TEMPLATE_CHAT = "Which token is {feature} at layer {layer}?"
 TEMPLATE_BASE = "At layer {layer}, {feature} encodes "
 
@@ -135,12 +138,18 @@ def queries(items: list[Item], vectors: list[np.ndarray], chat: bool, with_answe
             for it, v in zip(items, vectors, strict=True)]  # fmt: skip
 
 
-def explainer_config(recipe: CalibrateRecipe, injection: str):
+def explainer_config(recipe: CalibrateRecipe, injection: str) -> ExplainerConfig:
+    """The explainer of one mode of `calibration.injections` ('embedding_fitted': embedding + fitted Π)."""
+    if injection == FITTED:
+        return recipe.explainer.model_copy(update={"injection": "embedding", "projection": "fitted"})
     return recipe.explainer.model_copy(update={"injection": injection})
 
 
 def explainer_key(recipe: CalibrateRecipe, plan: CachePlan, injection: str) -> str:
-    return config_hash(STAGE, STAGE_VERSION, {"activations": plan.activations_key, "calibration": recipe.calibration,
+    """Key of one mode's explainer: the cache, the items (not the list of modes: adding one retrains no
+    other) and its config."""
+    items = recipe.calibration.model_dump(exclude={"injections"})
+    return config_hash(STAGE, STAGE_VERSION, {"activations": plan.activations_key, "calibration": items,
                                               "cfg": explainer_config(recipe, injection)})  # fmt: skip
 
 
@@ -153,14 +162,29 @@ def train_explainer(recipe: CalibrateRecipe, plan: CachePlan, injection: str, pr
     out = explainer_dataset(recipe, plan, injection)
     if out.is_complete():
         return {"path": str(out.path), **out.summary()}
-    train, _ = calibration_items(recipe, plan)
+    train, test = calibration_items(recipe, plan)
     target = models.load_config(recipe.target)
     summary = ex.train_to_checkpoint(
         out, explainer_config(recipe, injection), target.hidden_size, target.num_hidden_layers,
         lambda e: queries(train, [it.vector for it in train], e.chat, with_answers=True),
         {"role": f"calibration/{injection}", "activations": plan.activations_key}, progress,
+        fit=lambda e: fit_on_train_types(recipe, plan, e, test),
     )  # fmt: skip
     return {"path": str(out.path), **summary}
+
+
+def fit_on_train_types(recipe: CalibrateRecipe, plan: CachePlan, explainer: ex.Explainer, test: list[Item]):
+    """The fitted Π of mode 'embedding_fitted': residual inputs (centred by μ_ℓ), fitted on every cached
+    position whose token is not a test token (by its stripped text: ' the' goes with 'the'), so the map never
+    saw the pairs it is tested on."""
+    cfg = recipe.explainer
+    tokenizer = models.load_tokenizer(recipe.target)
+    layers = {layer: layer_activations(activations_dataset(plan), layer) for layer in recipe.cache.layers}
+    tested = {it.token for it in test}
+    exclude = {t for data in layers.values() for t, text in token_strings(tokenizer, data["token_id"], 10**6).items()
+               if text in tested}  # fmt: skip
+    texts = ContextTexts(Path(plan.home), plan.tokens_key)
+    return fit_projection(explainer, layers, texts, cfg.fit_ridge, cfg.fit_rows, True, cfg.seed, sorted(exclude))
 
 
 def run_id(recipe: CalibrateRecipe, plan: CachePlan, injection: str) -> str:
@@ -192,6 +216,8 @@ def evaluate(
     del trained
     target = models.load_config(recipe.target)
     untrained = ex.Explainer(models.load(cfg.model), target.hidden_size, target.num_hidden_layers, cfg)
+    if untrained.fitted:  # zero-shot through the fitted Π: does the map alone make v readable?
+        untrained.set_fitted_projection(fit_on_train_types(recipe, plan, untrained, test))
     decoded["zero_shot"] = untrained.generate(queries(test, vectors["trained"], untrained.chat, False),
                                               cfg.max_new_tokens, cfg.eval_batch_size)  # fmt: skip
     del untrained

@@ -3,19 +3,58 @@
 Recipes (YAML under recipes/) are validated against these models; an unknown key is an error, never ignored.
 """
 
+import functools
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from storage.errors import UserInputError
+from storage.errors import UserInputError, one_line, short_repr
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The scalar types a field holds: through Optional/Union, list and Annotated (not into dicts or models)."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType, list, Annotated):
+        args = get_args(annotation)[:1] if origin is Annotated else get_args(annotation)
+        return set().union(*(_leaf_types(a) for a in args))
+    return {annotation}
+
+
+@functools.cache
+def _number_fields(model: type[BaseModel]) -> frozenset[str]:
+    """Fields of `model` whose values are ints or floats (or lists of them), not booleans."""
+    return frozenset(name for name, field in model.model_fields.items()
+                     if bool not in (leaves := _leaf_types(field.annotation)) and leaves & {int, float})  # fmt: skip
 
 
 class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors, instances are immutable (they get hashed)."""
+    """Base for every config: unknown keys are errors, instances are immutable (they get hashed). Besides
+    pydantic's checks, every config refuses what lax validation would take silently: true/false for a number
+    (`layers: [true]` is not layer 1), inf and nan for a float, and a value repeated in a list (lists are sets
+    of layers, sizes, seeds, roles, modes...)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v: Any, info: ValidationInfo) -> Any:
+        if info.field_name in _number_fields(cls) and any(
+            isinstance(x, bool) for x in (v if isinstance(v, list) else [v])
+        ):
+            raise ValueError("true/false is not a number")
+        return v
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_repeats(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                if x in v[:i]:
+                    raise ValueError(f"{short_repr(x)} is given twice")
+        return v
 
 
 RESOURCE_ONLY = {"affects_results": False}  # a field excluded from dataset hashes: it changes speed, not results
@@ -27,7 +66,7 @@ class ModelConfig(StrictModel):
     name: str = Field(
         "smollm2-135m-instruct",
         description="Registry name (smollm2-135m-instruct, gemma3-270m, tiny-llama, tiny-gemma3), "
-        "a local Hugging Face model folder, or a hub id (needs the hub to be reachable).",
+        "a local Hugging Face model folder, or a hub id already in the local HF cache (nothing is downloaded).",
     )
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -85,10 +124,8 @@ class CacheConfig(StrictModel):
 
     @field_validator("layers")
     @classmethod
-    def _sorted_unique(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError("layers must not repeat")
-        return sorted(v)
+    def _sorted(cls, v: list[int]) -> list[int]:
+        return sorted(v)  # repeats are refused by StrictModel
 
 
 class CacheRecipe(StrictModel):
@@ -149,9 +186,17 @@ class ExplainerConfig(StrictModel):
         description="Prompt format: chat template or the paper's raw base templates; auto picks chat "
         "when the tokenizer has a chat template.",
     )
-    projection: Literal["auto", "always"] = Field(
-        "auto", description="Per-target-layer projection: 'auto' only when widths differ, 'always' forces it."
+    projection: Literal["auto", "always", "fitted"] = Field(
+        "auto",
+        description="Per-target-layer projection Π_ℓ: 'auto' a random one only when widths differ, 'always' a "
+        "random one whatever the widths, 'fitted' one fitted without labels by ridge regression from the "
+        "target's cached residuals to the explainer's embeddings of the same tokens, then trained on "
+        "(tasks/projection.py; injection 'embedding', tasks with an activation cache: features, calibrate).",
     )
+    fit_ridge: float = Field(
+        0.01, gt=0, description="projection 'fitted': ridge penalty, relative to the mean variance of a coordinate."
+    )
+    fit_rows: int = Field(20_000, gt=1, description="projection 'fitted': cached positions fitted on, per layer.")
     injection: Injection = Field(
         "embedding",
         description="Where u = Π_ℓ v enters the explainer. 'embedding': replaces the placeholder's input "
@@ -442,7 +487,7 @@ class GridConfig(StrictModel):
     def _positive_sizes(cls, v: list[int]) -> list[int]:
         if any(n <= 0 for n in v):
             raise ValueError("every n_train must be positive")
-        return sorted(set(v))
+        return sorted(v)  # repeats are refused by StrictModel
 
 
 class RunnerConfig(StrictModel):
@@ -494,11 +539,12 @@ class ExperimentRecipe(StrictModel):
 class CalibrationConfig(StrictModel):
     """The readout calibration: the target's residual of a token t at layer ℓ -> `the token "t"`."""
 
-    injections: list[Injection] = Field(
-        ["embedding", "residual", "early_add"],
+    injections: list[Injection | Literal["embedding_fitted"]] = Field(
+        ["embedding", "embedding_fitted", "residual", "early_add"],
         min_length=1,
         description="Injection modes measured, each a trained explainer of its own (explainer.injection is "
-        "replaced by each in turn).",
+        "replaced by each in turn); 'embedding_fitted' is injection 'embedding' with projection 'fitted' (a "
+        "ridge Π into the embedding space, fitted on cached residuals of training token types only).",
     )
     n_train: int = Field(2400, gt=0, description="Training examples, spread evenly over the cached layers.")
     n_test: int = Field(150, gt=0, description="Held-out test tokens per layer (distinct token types).")
@@ -552,24 +598,117 @@ def check_roles(ev: "FeatureEvalConfig | OutcomeEvalConfig", explainers: dict[st
                                  f"use roles of `explainers`: {sorted(explainers)}")  # fmt: skip
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "<recipe>"
+def _user_path(data: Any, loc: tuple[Any, ...], missing: bool) -> str:
+    """The dotted path of an error's location as the user wrote it: pydantic's union-member tags (`int`,
+    `literal[...]`) are not keys of the input and are left out."""
+    parts, node = [], data
+    for i, seg in enumerate(loc):
+        in_dict = isinstance(node, dict) and seg in node
+        in_list = isinstance(node, list) and isinstance(seg, int) and seg < len(node)
+        if in_dict or in_list:
+            parts.append(seg)
+            node = node[seg]
+        elif missing and i == len(loc) - 1:
+            parts.append(seg)
+    return ".".join(one_line(str(p), 60) for p in parts) or "(top level)"
 
 
-def _one_line(err: ValidationError) -> UserInputError:
-    """The first pydantic error as one line naming the field and the fix."""
+def _one_line(err: ValidationError, data: dict[str, Any]) -> UserInputError:
+    """The first pydantic error as one line naming the field (as written in the recipe) and the fix."""
     e = err.errors()[0]
-    field = "recipe field '" + _field_path(e["loc"]) + "'"
+    field = "recipe field '" + _user_path(data, e["loc"], e["type"] == "missing") + "'"
     if e["type"] == "extra_forbidden":
         return UserInputError(
             field, "unknown key", "remove it or correct its spelling (`selfexplain recipe <flow>` lists the keys)"
         )
-    return UserInputError(field, e["msg"].lower(), f"give a valid value (got {e.get('input')!r})")
+    msg = str(e.get("ctx", {}).get("error", e["msg"])) if e["type"] == "value_error" else e["msg"]  # no "Value error, "
+    return UserInputError(field, msg[:1].lower() + msg[1:], f"give a valid value (got {short_repr(e.get('input'))})")
+
+
+MAX_YAML_VALUES = 10_000  # a recipe holds a few hundred; more is an alias bomb (or not a recipe)
+
+
+class RecipeYAMLError(yaml.constructor.ConstructorError):
+    """Valid YAML that a recipe may not hold; `fix` says what to write instead."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None, fix: str) -> None:
+        super().__init__(None, None, problem, mark)
+        self.fix = fix
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load, stricter where PyYAML is silent: a key given twice (PyYAML keeps the last), a key that
+    is not a name (null, a number, ''), a tag such as !!python/object, and aliases that expand past
+    MAX_YAML_VALUES values (a 'billion laughs' bomb) or into themselves are errors."""
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            _expanded_size(node, {}, set())
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges, and the keys written beside it override: not duplicates
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str) or not key:
+                raise RecipeYAMLError(f"the key {short_repr(key)} is not a name", key_node.start_mark,
+                                      "keys are section and field names (`selfexplain recipe <flow>` lists them)")  # fmt: skip
+            if key in seen:
+                raise RecipeYAMLError(f"the key {short_repr(key)} is given twice (first at line "
+                                      f"{seen[key].start_mark.line + 1})", key_node.start_mark, "give each key once")  # fmt: skip
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
+
+    def construct_undefined(self, node: yaml.Node) -> Any:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise RecipeYAMLError(f"the tag {short_repr(tag)} is not allowed", node.start_mark,
+                              "write plain YAML values (recipes hold no tags)")  # fmt: skip
+
+
+RecipeLoader.add_constructor(None, RecipeLoader.construct_undefined)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """Values `node` stands for once every alias is written out (counted without writing them out)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise RecipeYAMLError("an alias refers to the value that holds it", node.start_mark, "remove that alias")
+    open_.add(id(node))
+    children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+    size = 1 + (sum(_expanded_size(c, sizes, open_) for c in children) if isinstance(node, yaml.CollectionNode) else 0)
+    open_.discard(id(node))
+    if size > MAX_YAML_VALUES:
+        raise RecipeYAMLError(f"its aliases expand to more than {MAX_YAML_VALUES} values", node.start_mark,
+                              "write the values out, with fewer aliases")  # fmt: skip
+    sizes[id(node)] = size
+    return size
+
+
+def parse_yaml(text: str, field: str, what: str) -> Any:
+    """`text` read with RecipeLoader; any problem is a UserInputError of `field` naming `what` and the line."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: no Python objects
+    except RecipeYAMLError as exc:
+        line = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+        raise UserInputError(field, f"{what}{line}: {exc.problem}", exc.fix) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserInputError(field, f"{what} is not valid YAML{line}: {problem}", "fix the YAML syntax") from None
+    except RecursionError:
+        raise UserInputError(field, f"{what} nests too deeply", "write a flatter recipe") from None
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set data['a']['b'] = value for dotted='a.b', creating dicts on the way."""
     *parents, leaf = dotted.split(".")
+    if not all(p.strip() for p in [*parents, leaf]):
+        raise UserInputError("--set", f"{dotted!r} has an empty key", "write --set section.key=value")
     node = data
     for p in parents:
         node = node.setdefault(p, {})
@@ -585,14 +724,18 @@ def load_recipe(
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise UserInputError("--config", f"{str(p)!r} is a folder, not a recipe file", "pass a YAML file")
         if not p.is_file():
             raise UserInputError("--config", f"recipe file {str(p)!r} not found", "pass an existing YAML file")
         try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise UserInputError("--config", f"{p} is not valid YAML{where}", "fix the YAML syntax") from None
+            text = p.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise UserInputError("--config", f"{p} is not UTF-8 text (byte {exc.start})",
+                                 "save the recipe as UTF-8") from None  # fmt: skip
+        except OSError as exc:
+            raise UserInputError("--config", f"{p} cannot be read ({exc.strerror})", "check its permissions") from None
+        loaded = parse_yaml(text, "--config", str(p))
         if loaded is not None and not isinstance(loaded, dict):
             raise UserInputError("--config", f"{p} must hold a mapping at the top", "write key: value pairs")
         data = loaded or {}
@@ -600,8 +743,9 @@ def load_recipe(
         if "=" not in item:
             raise UserInputError("--set", f"{item!r} has no '='", "write --set section.key=value")
         key, raw = item.split("=", 1)
-        set_dotted(data, key.strip(), yaml.safe_load(raw))
+        key = key.strip()
+        set_dotted(data, key, parse_yaml(raw, f"--set {key}", f"the value {short_repr(raw)}"))
     try:
         return kind.model_validate(data)
     except ValidationError as err:
-        raise _one_line(err) from None
+        raise _one_line(err, data) from None

@@ -15,12 +15,13 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-from storage.errors import UserInputError
+from storage.errors import UserInputError, first_line
 from storage.hashing import config_hash
 from storage.store import Dataset
 from tasks.config import CorpusConfig, ModelConfig
@@ -82,47 +83,128 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
+def _kind(value: object) -> str:
+    """What a JSON (or Arrow) value is, in words."""
+    if value is None:
+        return "null"
+    kinds = {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def _text(value: object, where: str, text_field: str) -> str:
+    """A record's text: a string; null or any other type is refused, naming the record."""
+    if isinstance(value, str):
+        return value
+    kind = _kind(value)
+    raise UserInputError("corpus.source", f"{where}: {text_field!r} is {kind}, not text",
+                         f"make every {text_field!r} value a string, or set corpus.text_field to the text column")  # fmt: skip
+
+
+def _parquet(path: Path, text_field: str) -> pq.ParquetFile:
+    """A Parquet file whose `text_field` column holds strings (read from the footer: no rows are read)."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserInputError("corpus.source", f"{path} is not a Parquet file ({first_line(exc)})",
+                             "point corpus.source at Parquet files, or give the file its real suffix") from None  # fmt: skip
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise UserInputError(
+            "corpus.text_field",
+            f"{path} has no column {text_field!r} (columns: {', '.join(schema.names)})",
+            "set corpus.text_field to the text column",
+        )
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise UserInputError("corpus.source", f"{path}: column {text_field!r} holds {kind}, not text",
+                             "set corpus.text_field to a string column")  # fmt: skip
+    return pf
+
+
+def _jsonl_record(path: Path, lineno: int, line: str, text_field: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        raise UserInputError("corpus.source", f"{path}:{lineno} is not JSON", "fix that line") from None
+    if not isinstance(row, dict):
+        raise UserInputError("corpus.source", f"{path}:{lineno} is {_kind(row)}, not a JSON object",
+                             'write one JSON object per line, e.g. {"text": "..."}')  # fmt: skip
+    if text_field not in row:
+        raise UserInputError("corpus.text_field", f"{path}:{lineno} has no key {text_field!r}", "set corpus.text_field")
+    return _text(row[text_field], f"{path}:{lineno}", text_field)
+
+
 def _file_documents(path: Path, text_field: str) -> Iterator[str]:
     if path.suffix == ".txt":
         yield _read_text(path)
     elif path.suffix == ".jsonl":
         for lineno, line in enumerate(_read_text(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserInputError("corpus.source", f"{path}:{lineno} is not JSON", "fix that line") from None
-            if text_field not in row:
-                raise UserInputError(
-                    "corpus.text_field", f"{path}:{lineno} has no key {text_field!r}", "set corpus.text_field"
-                )
-            yield row[text_field]
+            if line.strip():
+                yield _jsonl_record(path, lineno, line, text_field)
     elif path.suffix == ".parquet":
-        pf = pq.ParquetFile(path)
-        if text_field not in pf.schema_arrow.names:
-            raise UserInputError(
-                "corpus.text_field",
-                f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)})",
-                "set corpus.text_field to the text column",
-            )
+        pf = _parquet(path, text_field)
+        row = 0
         for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-            yield from (t for t in batch.column(0).to_pylist() if t)
+            for t in batch.column(0).to_pylist():
+                row += 1
+                if t:  # an empty document adds nothing
+                    yield t
+                elif t is None:
+                    _text(t, f"{path} row {row}", text_field)
+
+
+def _check_file(path: Path, text_field: str) -> None:
+    """What can be checked of one corpus file without reading it all: a Parquet footer and text column, the
+    first record of a JSONL file."""
+    if path.suffix == ".parquet":
+        _parquet(path, text_field)
+    elif path.suffix == ".jsonl":
+        try:
+            with open(path, encoding="utf-8") as fh:
+                first = next(((n, line) for n, line in enumerate(fh, 1) if line.strip()), None)
+        except UnicodeDecodeError as exc:
+            raise UserInputError(
+                "corpus.source", f"{path} is not UTF-8 text (byte {exc.start})", "re-encode the file as UTF-8"
+            ) from None
+        if first is not None:
+            _jsonl_record(path, *first, text_field)
 
 
 def _saved_dataset_documents(path: Path, text_field: str) -> Iterator[str]:
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a folder that only looks like save_to_disk
+        raise UserInputError("corpus.source", f"{path} is not a readable datasets save_to_disk folder "
+                             f"({type(exc).__name__}: {first_line(exc)})",
+                             "point corpus.source at a folder written by Dataset.save_to_disk, or at .txt/.jsonl/"
+                             ".parquet files") from None  # fmt: skip
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else ds[sorted(ds)[0]]
     if text_field not in ds.column_names:
         raise UserInputError(
             "corpus.text_field", f"{path} has no column {text_field!r}", "set corpus.text_field to the text column"
         )
-    for row in ds.select_columns([text_field]):
-        if row[text_field]:
-            yield row[text_field]
+    for i, row in enumerate(ds.select_columns([text_field])):
+        text = _text(row[text_field], f"{path} row {i + 1}", text_field)
+        if text:
+            yield text
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def _files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES)
 
 
 def check_source(cfg: CorpusConfig) -> None:
@@ -136,6 +218,9 @@ def check_source(cfg: CorpusConfig) -> None:
         raise UserInputError("corpus.source", f"{path} does not exist", "point corpus.source at a file or folder")
     if path.is_file() and path.suffix not in SUFFIXES:
         raise UserInputError("corpus.source", f"{path} has an unsupported suffix", f"use one of {', '.join(SUFFIXES)}")
+    if not _is_saved_dataset(path):
+        for f in _files(path):  # every Parquet footer and the first record of every JSONL file
+            _check_file(f, cfg.text_field)
     # A look at the first document: encoding, the text field and emptiness fail here, before anything runs.
     if next((d for d in _documents(cfg) if d.strip()), None) is None:
         raise UserInputError("corpus.source", f"{path} holds no text", "point corpus.source at a non-empty corpus")
@@ -152,11 +237,10 @@ def _documents(cfg: CorpusConfig) -> Iterator[str]:
         yield from _python_docs()
         return
     path = Path(cfg.source).expanduser()
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+    if _is_saved_dataset(path):
         yield from _saved_dataset_documents(path, cfg.text_field)
         return
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES)
-    for f in files:
+    for f in _files(path):
         yield from _file_documents(f, cfg.text_field)
 
 
@@ -256,6 +340,22 @@ def tokens_key(cfg: CorpusConfig, model_identity: str, contexts_per_shard: int) 
 
 def tokens_dataset(home: str, key: str) -> Dataset:
     return Dataset(Path(home), STAGE, key)
+
+
+class ContextTexts:
+    """Token strings of cached contexts (table `tokens`), decoded once per distinct id."""
+
+    def __init__(self, root: Path, tokens_key: str) -> None:
+        files = [str(p) for p in Dataset(root, STAGE, tokens_key).shard_files()]
+        t = (
+            duckdb.connect()
+            .execute(f"select context_id, list(token order by position) from read_parquet({files}) group by all")
+            .fetchall()
+        )
+        self._by_context = dict(t)
+
+    def tokens(self, context_id: int) -> list[str]:
+        return self._by_context[int(context_id)]
 
 
 @stage_task("tokenize-corpus", output=lambda p: tokens_dataset(p["home"], p["key"]))

@@ -72,6 +72,9 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
             models.resolve(explainer.model)
         except UserInputError as err:
             raise UserInputError(f"explainers.{role}.model.name", err.problem, err.fix) from None
+        if explainer.projection == "fitted":
+            raise UserInputError(f"explainers.{role}.projection", f"'fitted' is fitted on an activation cache, which "
+                                 f"the {task_name(recipe)} task does not build", "use projection 'auto' or 'always'")  # fmt: skip
     gt = ground_truth(recipe)
     if recipe.eval.n_train is not None and gt.is_complete():  # known only once the ground truth exists
         n = sum(s == "train" for t in gt.iter_shards(columns=["split"]) for s in t.column("split").to_pylist())
@@ -161,8 +164,8 @@ def train_outcome_explainer(recipe: OutcomeRecipe, role: str, variant: str, prog
 
     d_target, n_layers = target_dims(task, gt)
     meta = {"role": role, "variant": variant, "task": task, "gt": gt.key}
-    rotation = cfg.seed if variant == ex.ROTATED else None
-    summary = ex.train_to_checkpoint(out, cfg, d_target, n_layers, make_queries, meta, progress, rotation)
+    summary = ex.train_to_checkpoint(out, cfg, d_target, n_layers, make_queries, meta, progress,
+                                     ex.rotation_seed(cfg, variant))  # fmt: skip
     return {"path": str(out.path), **summary}
 
 

@@ -4,7 +4,8 @@ The prompt carries the span ``[s] [v] [e]`` (three special tokens). The vector v
 u = Π_ℓ v (v itself when the explainer and the target share a width; Π_ℓ Q v under the rotated-basis control,
 Q a fixed random orthogonal matrix) and enters at the payload token ``[v]`` in one of three ways (`injection`):
 
-- 'embedding' (the paper): u *replaces* the payload's input embedding. The replacement builds a new tensor with
+- 'embedding' (the paper): u *replaces* the payload's input embedding (with projection 'fitted', Π_ℓ is fitted
+  without labels into the explainer's embedding space first: tasks/projection.py). The replacement builds a new tensor with
   torch.where, so it cannot be lost to an out-of-place op whose result is discarded (paper R7, R9). What
   enters block 0 is u (R10): Gemma multiplies token embeddings by √d inside its embedding module, and
   inputs_embeds bypass that module, so u is not scaled again. With vector_norm 'match' u is rescaled to the
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +46,9 @@ from storage.errors import UserInputError
 from storage.store import Dataset
 from tasks import models
 from tasks.config import ExplainerConfig
+
+if TYPE_CHECKING:
+    from tasks.projection import ProjectionFit
 
 SPAN_TOKENS = ("<|sx_begin|>", "<|sx_payload|>", "<|sx_end|>")
 SPAN = "".join(SPAN_TOKENS)
@@ -125,6 +129,9 @@ def explainer_layer(layer: int, n_target_layers: int, n_explainer_layers: int) -
 def check_injection(cfg: ExplainerConfig, layers: Sequence[int], n_target_layers: int, field: str) -> None:
     """A vector written into the residual stream is read only by the blocks above it: after the explainer's
     last block nothing attends to it. Refuse such a site before anything runs."""
+    if cfg.projection == "fitted" and cfg.injection != "embedding":
+        raise UserInputError(f"{field}.projection", f"'fitted' maps into the token-embedding space, which injection "
+                             f"{cfg.injection!r} does not read", "use injection 'embedding', or projection 'auto'")  # fmt: skip
     if cfg.injection == "embedding":
         return
     n_blocks = models.load_config(cfg.model).num_hidden_layers
@@ -147,6 +154,11 @@ def basis_rotation(d: int, seed: int) -> torch.Tensor:
 
 
 ROTATED = "rotated_basis"  # the variant (and metrics method) of the rotated-basis control; Q seeded by cfg.seed
+
+
+def rotation_seed(cfg: ExplainerConfig, variant: str) -> int | None:
+    """The seed of Q for an explainer variant: the explainer's own seed under the rotated-basis control."""
+    return cfg.seed if variant == ROTATED else None
 
 
 def shuffled_donors(groups: Sequence[Hashable], seed: int) -> list[int]:
@@ -182,7 +194,8 @@ class Explainer(nn.Module):
         self.lm, self.cfg = lm, cfg
         self.tokenizer = lm.tokenizer
         self.chat = cfg.format == "chat" or (cfg.format == "auto" and lm.tokenizer.chat_template is not None)
-        d_target = lm.d_model if d_target is None else d_target
+        text_only = d_target is None
+        d_target = lm.d_model if text_only else d_target
         self.d_target, self.n_target_layers = d_target, n_target_layers
         self._add_span_tokens()
         self.payload_id = self.tokenizer.convert_tokens_to_ids(SPAN_TOKENS[1])
@@ -198,11 +211,18 @@ class Explainer(nn.Module):
         if rotation_seed is not None:
             self.rotation = basis_rotation(d_target, rotation_seed).to(lm.runtime.device)
         self.proj: nn.Parameter | None = None
-        if cfg.projection == "always" or d_e != d_target:
+        if cfg.projection != "auto" or d_e != d_target:
             g = torch.Generator().manual_seed(cfg.seed)
-            # Π_ℓ ∈ R^{d_E x d_M}, one per target layer, random init (the paper's non-pretrained variant).
+            # Π_ℓ ∈ R^{d_E x d_M}, one per target layer, random init (the paper's non-pretrained variant);
+            # 'fitted' overwrites the fitted layers' rows (set_fitted_projection) before training.
             w = torch.randn(n_target_layers, d_e, d_target, generator=g) / d_target**0.5
             self.proj = nn.Parameter(w.to(lm.runtime.device))
+        self.fitted = cfg.projection == "fitted" and not text_only
+        if self.fitted:  # u = μ_E + s · unit(Π_ℓ (v − c_ℓ)), see tasks/projection.py; zeros until fitted
+            dev = lm.runtime.device
+            self.register_buffer("fit_in_mean", torch.zeros(n_target_layers, d_target, device=dev))  # c_ℓ
+            self.register_buffer("fit_out_mean", torch.zeros(n_target_layers, d_e, device=dev))  # μ_E
+            self.register_buffer("fit_out_norm", torch.ones(n_target_layers, device=dev))  # s
         self.model = lm.model
         if cfg.finetune == "lora":
             torch.manual_seed(cfg.seed)  # LoRA's A matrices draw from the global RNG: same seed, same init
@@ -245,9 +265,26 @@ class Explainer(nn.Module):
         u = vectors.float()
         if self.rotation is not None:
             u = u.to(self.rotation.device) @ self.rotation.T  # [B, d_M]: row b is Q v_b
-        if self.proj is not None:
-            u = torch.einsum("bed,bd->be", self.proj[layers.to(self.proj.device)].float(), u.to(self.proj.device))
+        if self.proj is None:
+            return u
+        layers = layers.to(self.proj.device)
+        u = u.to(self.proj.device)
+        if self.fitted:
+            u = u - self.fit_in_mean[layers]
+        u = torch.einsum("bed,bd->be", self.proj[layers].float(), u)
+        if self.fitted:  # back onto the embeddings' manifold; v = 0 stays the bare mean embedding μ_E
+            unit = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            u = self.fit_out_mean[layers] + unit * self.fit_out_norm[layers, None]
         return u
+
+    def set_fitted_projection(self, fit: "ProjectionFit") -> None:
+        """Install a fitted Π (tasks/projection.py) for its layers; the other layers keep their random Π."""
+        with torch.no_grad():
+            for layer, pi in fit.proj.items():
+                self.proj[layer] = torch.from_numpy(pi).to(self.proj.device)
+                self.fit_in_mean[layer] = torch.from_numpy(fit.in_mean[layer]).to(self.proj.device)
+                self.fit_out_mean[layer] = torch.from_numpy(fit.out_mean[layer]).to(self.proj.device)
+                self.fit_out_norm[layer] = fit.out_norm[layer]
 
     def injection_sites(self, layers: torch.Tensor) -> torch.Tensor:
         """[B]: the explainer block after which each row's vector enters the residual stream. 'residual': the
@@ -286,7 +323,7 @@ class Explainer(nn.Module):
         if self.cfg.injection != "embedding":
             return embeds
         u = self.project(vectors.to(embeds.device), layers)  # [B, d_E]
-        if self.cfg.vector_norm == "match":
+        if self.cfg.vector_norm == "match" and not self.fitted:  # a fitted u is at the embeddings' scale
             u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.embedding_norm
         return torch.where(is_payload.unsqueeze(-1), u.unsqueeze(1).to(embeds.dtype), embeds)
 
@@ -512,7 +549,12 @@ class Explainer(nn.Module):
             self.model.save_pretrained(path / "model")
         self.tokenizer.save_pretrained(path / "model")
         if self.proj is not None:
-            save_file({"proj": self.proj.detach().cpu().contiguous()}, str(path / "projection.safetensors"))
+            tensors = {"proj": self.proj}
+            if self.fitted:
+                tensors |= {"in_mean": self.fit_in_mean, "out_mean": self.fit_out_mean, "out_norm": self.fit_out_norm}
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / "projection.safetensors")
+            )
         meta = {
             "config": self.cfg.model_dump(),
             "d_target": self.d_target,
@@ -550,8 +592,13 @@ class Explainer(nn.Module):
             explainer.cfg = cfg
             explainer.model = PeftModel.from_pretrained(lm.model, path / "model").to(lm.runtime.device)
         if explainer.proj is not None:
+            saved = load_file(str(path / "projection.safetensors"))
             with torch.no_grad():
-                explainer.proj.copy_(load_file(str(path / "projection.safetensors"))["proj"])
+                explainer.proj.copy_(saved["proj"])
+                if explainer.fitted:
+                    explainer.fit_in_mean.copy_(saved["in_mean"])
+                    explainer.fit_out_mean.copy_(saved["out_mean"])
+                    explainer.fit_out_norm.copy_(saved["out_norm"])
         return explainer
 
 
@@ -731,11 +778,19 @@ def train_to_checkpoint(
     meta: dict[str, Any],
     progress=None,
     rotation_seed: int | None = None,
+    fit: Callable[["Explainer"], "ProjectionFit"] | None = None,
 ) -> dict[str, Any]:
     """Train an explainer of a target (width d_target) on `make_queries(explainer)` (a seeded `val_fraction`
     held out for early stopping); write its checkpoint and loss history under `out`; mark it complete.
-    rotation_seed: the rotated-basis control (see Explainer)."""
+    rotation_seed: the rotated-basis control (see Explainer). fit: under projection 'fitted', the fitted Π
+    of this explainer (tasks/projection.py), installed before training."""
     explainer = Explainer(models.load(cfg.model), d_target, n_target_layers, cfg, rotation_seed)
+    if explainer.fitted:
+        if fit is None:
+            raise ValueError("projection 'fitted' needs the stage to fit Π: this stage has no activation cache")
+        fitted = fit(explainer)
+        explainer.set_fitted_projection(fitted)
+        meta = {**meta, "fit_pairs": {str(k): v for k, v in fitted.n_pairs.items()}}
     queries = make_queries(explainer)
     order = np.random.default_rng(cfg.seed).permutation(len(queries))
     n_val = int(round(cfg.val_fraction * len(queries)))

@@ -29,8 +29,10 @@ from tasks import explainer as ex
 from tasks import labels as lab
 from tasks.activations import CachePlan, activations_dataset, plan_cache
 from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig, check_roles
+from tasks.corpus import ContextTexts
 from tasks.llm import complete
 from tasks.orchestration import progress_reporter, stage_task
+from tasks.projection import fit_projection
 from tasks.results import Metric, Prediction, record_run, recorded
 from tasks.sae import layer_activations, write_exemplars, write_sae_layer
 from tasks.simulate import JUDGE_PROMPT, LMSimulator, SentenceEmbedder, judge_rating, mean_se, simulator_score
@@ -142,7 +144,7 @@ def _llm_labels(
         f"select layer, feature_id, list(context_id order by rank)[1:8], list(max_position order by rank)[1:8] "
         f"from read_parquet({ex_files}) join eligible using (layer, feature_id) group by all order by all"
     ).fetchall()
-    texts = ContextTexts(Path(plan.home), plan.tokens_key, tokenizer)
+    texts = ContextTexts(Path(plan.home), plan.tokens_key)
     prompts = [
         lab.LLM_PROMPT.format(
             examples=lab.exemplar_snippets([(texts.tokens(c), p) for c, p in zip(cs, ps, strict=True)])
@@ -158,22 +160,6 @@ def _llm_labels(
             "labeler": pa.array([f"llm:{recipe.labels.llm_model}"] * len(rows)),
         }
     )
-
-
-class ContextTexts:
-    """Token strings of cached contexts (table `tokens`), decoded once per distinct id."""
-
-    def __init__(self, root: Path, tokens_key: str, tokenizer) -> None:
-        files = [str(p) for p in Dataset(root, "tokens", tokens_key).shard_files()]
-        t = (
-            duckdb.connect()
-            .execute(f"select context_id, list(token order by position) from read_parquet({files}) group by all")
-            .fetchall()
-        )
-        self._by_context = dict(t)
-
-    def tokens(self, context_id: int) -> list[str]:
-        return self._by_context[int(context_id)]
 
 
 @dataclass
@@ -270,7 +256,10 @@ def train_explainer(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: 
     summary = ex.train_to_checkpoint(
         out, cfg, None if mode == "no_activation" else target.hidden_size, target.num_hidden_layers,
         lambda e: ex.feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), e.chat, cfg.seed, mode or "trained"),
-        {"role": name, "gt": gt_key}, progress, cfg.seed if mode == ex.ROTATED else None,
+        {"role": name, "gt": gt_key}, progress, ex.rotation_seed(cfg, mode),
+        lambda e: fit_projection(e, {layer: layer_activations(activations_dataset(plan), layer)
+                                     for layer in recipe.cache.layers}, ContextTexts(Path(plan.home), plan.tokens_key),
+                                 cfg.fit_ridge, cfg.fit_rows, residual_inputs=False, seed=cfg.seed),
     )  # fmt: skip
     return {"path": str(out.path), **summary}
 
@@ -382,8 +371,7 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
     seed = grid_seed(recipe)
     train = training_subset(fs, recipe.eval.n_train, seed)  # the explainers' own subset
     test = fs.take(fs.split == "test")
-    tokenizer = models.load_tokenizer(recipe.target)
-    texts = ContextTexts(root, plan.tokens_key, tokenizer)
+    texts = ContextTexts(root, plan.tokens_key)
     caches = {layer: LayerCache(plan, layer) for layer in recipe.cache.layers}
     ex_files = [str(p) for p in Dataset(root, "exemplars", gt_key).shard_files()]
     exemplars = dict(

@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from storage.errors import UserInputError
+from storage.errors import UserInputError, first_line, short_repr
 from storage.hashing import file_sha256
 from tasks.config import ModelConfig
 
@@ -218,10 +218,10 @@ def _build_tiny(name: str, seed: int, out: Path) -> None:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A model name turned into a local folder (or hub id) plus a stable identity for cache keys."""
+    """A model name turned into a local folder plus a stable identity for cache keys."""
 
     name: str
-    source: str  # folder path or hub id handed to from_pretrained
+    source: str  # folder handed to from_pretrained (for a hub id: its snapshot in the local HF cache)
     identity: str  # changes whenever the weights could (content hash, seed, path)
     converted: bool = False  # True when this call built the folder (first use)
     eos_token_ids: tuple[int, ...] = ()
@@ -251,16 +251,55 @@ def resolve(cfg: ModelConfig) -> ResolvedModel:
     if path.exists():
         if not (path / "config.json").is_file():
             raise _unknown(name, "is a path but holds no config.json")
-        check_weights(path)
+        check_model_folder(path)
         digest = file_sha256(str(path / "config.json"))[:12]
         return ResolvedModel(name, str(path.resolve()), f"{path.resolve()}@{digest}")
     if "/" not in name or name.startswith((".", "/", "~")):
         raise _unknown(name, "is not a registry name, a local folder or a hub id")
-    try:  # a hub id: works where the hub is reachable (or already in the HF cache)
-        AutoConfig.from_pretrained(name)
-    except OSError:
-        raise _unknown(name, "is not in the local HF cache and the hub cannot be reached") from None
-    return ResolvedModel(name, name, name)
+    # A hub id: its snapshot in the local HF cache, never the network (nothing is downloaded at run time; a
+    # lookup on a machine without the hub would retry for half a minute before failing).
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a valid repo id
+        raise _unknown(name, "is not a registry name, a local folder, or a hub id in the local HF cache") from None
+    if not (folder / "config.json").is_file():
+        raise _unknown(name, f"is cached at {folder} without its config.json")
+    check_model_folder(folder)
+    return ResolvedModel(name, str(folder), name)
+
+
+def check_model_folder(folder: Path) -> None:
+    """A model folder transformers can load: its config.json is a JSON object naming a model_type this
+    transformers knows, and its weights are whole (see check_weights)."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise UserInputError("model.name", f"{config_file} is not valid JSON{where}",
+                             "re-copy or re-download the model folder") from None  # fmt: skip
+    if not isinstance(config, dict):
+        raise UserInputError("model.name", f"{config_file} holds a JSON {type(config).__name__}, not an object",
+                             "re-copy or re-download the model folder")  # fmt: skip
+    model_type = config.get("model_type")
+    if model_type is not None and (not isinstance(model_type, str) or model_type not in CONFIG_MAPPING):
+        import transformers
+
+        raise UserInputError("model.name", f"{config_file} names model_type {short_repr(model_type)}, which "
+                             f"transformers {transformers.__version__} does not know",
+                             "use a model of an architecture transformers supports (or a newer transformers)")  # fmt: skip
+    try:  # anything else transformers refuses in the config (no model_type it can infer, bad values)
+        AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserInputError("model.name", f"{config_file} is not a config transformers can load: {first_line(exc)}",
+                             "re-copy or re-download the model folder") from None  # fmt: skip
+    check_weights(folder)
 
 
 def check_weights(folder: Path) -> None:

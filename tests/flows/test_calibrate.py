@@ -56,3 +56,36 @@ def test_training_makes_the_answer_follow_the_vector(tmp_path):
     assert [s for (s,) in layers] == ["layer_0", "layer_1", "test"]
     assert list(result["results"]) == ["early_add"]
     assert result["results"]["early_add"]["run_id"].startswith("calibration-early_add-")
+
+
+def test_the_fitted_mode_fits_pi_on_training_types_only(tmp_path):
+    """Mode embedding_fitted: a run of its own, and a Π fitted on every cached position whose token is not a
+    test type (the checkpoint records the pairs per layer; the byte tokenizer pairs every text token)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from tasks.models import byte_tokenizer
+
+    corpus = tmp_path / "letters.txt"
+    rng = random.Random(1)
+    corpus.write_text("".join(rng.choice("abcdefghijklmnopqrst") for _ in range(4000)))
+    recipe = tiny_calibrate_recipe(tmp_path / "store", corpus, min_steps=4, max_steps=4)
+    recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(
+        update={"injections": ["embedding_fitted"], "split": "types", "test_fraction": 0.3})})  # fmt: skip
+    result = calibrate(recipe)
+    assert result["results"]["embedding_fitted"]["run_id"].startswith("calibration-embedding_fitted-")
+    con = connect_read_only(tmp_path / "store")
+    tested = {
+        t for (t,) in con.execute("select distinct reference from predictions where task = 'calibration'").fetchall()
+    }
+    names = {t[len('the token "') : -1] for t in tested}
+    tok = byte_tokenizer()
+    want: dict[str, int] = {}
+    for path in (tmp_path / "store" / "tables" / "activations").rglob("*.parquet"):
+        shard = pq.read_table(path, columns=["layer", "position", "token_id"]).to_pydict()
+        for layer, position, tid in zip(shard["layer"], shard["position"], shard["token_id"], strict=True):
+            if position > 0 and tok.decode([tid]).strip() not in names:  # position 0: the start token, no text
+                want[str(layer)] = want.get(str(layer), 0) + 1
+    (meta,) = [json.loads(p.read_text()) for p in (tmp_path / "store").rglob("checkpoint/explainer.json")]
+    assert meta["fit_pairs"] == want and set(want) == {"0", "1"}

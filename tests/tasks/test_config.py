@@ -3,7 +3,17 @@ from pathlib import Path
 import pytest
 
 from storage.errors import UserInputError
-from tasks.config import RECIPES, AblationRecipe, CacheRecipe, load_recipe
+from tasks.config import (
+    RECIPES,
+    AblationRecipe,
+    CacheRecipe,
+    CalibrateRecipe,
+    ExperimentRecipe,
+    FeaturesRecipe,
+    PatchingRecipe,
+    load_recipe,
+    parse_yaml,
+)
 
 RECIPE_DIR = Path(__file__).parents[2] / "recipes"
 
@@ -75,3 +85,95 @@ def test_an_ablation_eval_key_set_alone_keeps_prompt_ablations_empty():
     # setting one eval key builds the eval section from its field defaults: ablation's must not be patching's
     recipe = AblationRecipe.model_validate({"eval": {"n_test": 5}})
     assert recipe.eval.n_test == 5 and recipe.eval.prompt_ablations == []
+
+
+@pytest.mark.parametrize(
+    "kind, overrides, message",
+    [
+        # true/false is not a number
+        (CacheRecipe, ["cache.layers=[true]"], "recipe field 'cache.layers': true/false is not a number"),
+        (CacheRecipe, ["cache.batch_size=true"], "recipe field 'cache.batch_size': true/false is not a number"),
+        (FeaturesRecipe, ["eval.selfie_scales=[1, false]"], "recipe field 'eval.selfie_scales': true/false is not"),
+        (CacheRecipe, ["model.memory_fraction=true"], "recipe field 'model.memory_fraction': true/false is not"),
+        # inf and nan are not values of any float field
+        (FeaturesRecipe, ["sae.lr=.inf"], "recipe field 'sae.lr': input should be a finite number"),
+        (FeaturesRecipe, ["explainers.self.inject_scale=.nan"], "recipe field 'explainers.self.inject_scale': input "
+                                                                "should be a finite number"),
+        (CalibrateRecipe, ["explainer.weight_decay=.inf"], "recipe field 'explainer.weight_decay': input should be a "
+                                                           "finite number"),
+        # a list is a set: a repeated value is a mistake, not a second run
+        (ExperimentRecipe, ["grid.seeds=[1, 2, 1]"], "recipe field 'grid.seeds': 1 is given twice"),
+        (ExperimentRecipe, ["grid.n_train=[64, 64]"], "recipe field 'grid.n_train': 64 is given twice"),
+        (PatchingRecipe, ["eval.ablation_roles=[self, self]"], "recipe field 'eval.ablation_roles': 'self' is given"),
+        (CalibrateRecipe, ["calibration.injections=[early_add, early_add]"], "recipe field 'calibration.injections': "
+                                                                             "'early_add' is given twice"),
+        (CacheRecipe, ["cache.layers=[1, 1]"], "recipe field 'cache.layers': 1 is given twice"),
+        # the field as written: a union member's tag is no part of it
+        (CalibrateRecipe, ["calibration.injections=[lasers]"], "recipe field 'calibration.injections.0': input should"),
+        (FeaturesRecipe, ["eval.prompt_ablations=[no_activation, 7]"], "recipe field 'eval.prompt_ablations.1': input"),
+    ],
+)  # fmt: skip
+def test_what_lax_validation_would_take_is_refused(kind, overrides, message):
+    with pytest.raises(UserInputError) as err:
+        load_recipe(kind, overrides=overrides)
+    assert str(err.value).startswith(message) and "; fix: " in str(err.value), str(err.value)
+
+
+def test_the_strict_rules_keep_what_is_right():
+    for recipe in RECIPES.values():  # defaults hold no repeats, no inf, no booleans as numbers; they round-trip
+        assert recipe.model_validate(recipe().model_dump()) == recipe()
+    r = load_recipe(FeaturesRecipe, overrides=["sae.lr=1", "explainers.self.lr=1e-3", "eval.selfie=false"])
+    assert r.sae.lr == 1.0 and r.explainers["self"].lr == 0.001 and r.eval.selfie is False  # YAML reads 1e-3 as text
+    assert load_recipe(ExperimentRecipe, overrides=["grid.n_train=[16, 8]"]).grid.n_train == [8, 16]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a: 1\na: 2\n", "x at line 2: the key 'a' is given twice (first at line 1); fix: give each key once"),
+        ("a:\n  b: 1\n  c: 2\n  b: 3\n", "x at line 4: the key 'b' is given twice (first at line 2)"),
+        ("{a: 1, a: 1}", "x at line 1: the key 'a' is given twice"),
+        ("a: !!python/object/apply:os.system [ls]", "x at line 1: the tag '!!python/object/apply:os.system' is not"),
+        ("a: !!python/name:os.system", "x at line 1: the tag '!!python/name:os.system' is not allowed"),
+        ("a: !custom 1", "x at line 1: the tag '!custom' is not allowed"),
+        ("~: 1", "x at line 1: the key None is not a name"),
+        ("'': 1", "x at line 1: the key '' is not a name"),
+        ("on: 1", "x at line 1: the key True is not a name"),
+        ("3.5: 1", "x at line 1: the key 3.5 is not a name"),
+        ("a: &a [*a]", "x at line 1: an alias refers to the value that holds it"),
+        ("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n" + "".join(f"b{i}: &b{i} [{', '.join([f'*{p}'] * 10)}]\n"
+         for i, p in enumerate(["a", "b0", "b1"])), "x at line 4: its aliases expand to more than 10000 values"),
+        ("a: [1, 2", "x is not valid YAML at line 1: expected ',' or ']'"),
+        ("a: b: c", "x is not valid YAML at line 1: mapping values are not allowed here"),
+    ],
+)  # fmt: skip
+def test_recipe_yaml_refuses_what_safe_load_takes_silently(text, message):
+    with pytest.raises(UserInputError) as err:
+        parse_yaml(text, "--config", "x")
+    assert str(err.value).startswith("--config: " + message), str(err.value)
+
+
+def test_recipe_yaml_keeps_merge_keys_and_modest_aliases():
+    text = "base: &b {lr: 0.1, seed: 1}\nself:\n  <<: *b\n  seed: 2\nboth: [*b, *b]\n"
+    assert parse_yaml(text, "--config", "x") == {
+        "base": {"lr": 0.1, "seed": 1}, "self": {"lr": 0.1, "seed": 2}, "both": [{"lr": 0.1, "seed": 1}] * 2}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("latin1.yaml", "model:\n  name: caf\xe9\n".encode("latin-1"), "is not UTF-8 text (byte 18)"),
+        ("utf16.yaml", "model: {}\n".encode("utf-16"), "is not UTF-8 text (byte 0)"),
+        ("bom.yaml", "\ufeffcache:\n  seed: 3\n".encode(), None),  # a UTF-8 byte-order mark is UTF-8
+        ("dir.yaml", None, "is a folder, not a recipe file"),
+    ],
+)
+def test_recipe_files_are_utf8_files(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.mkdir() if text is None else path.write_bytes(text)
+    if message is None:
+        assert load_recipe(CacheRecipe, path).cache.seed == 3
+        return
+    with pytest.raises(UserInputError) as err:
+        load_recipe(CacheRecipe, path)
+    assert str(err.value).startswith("--config: ") and message in str(err.value), str(err.value)

@@ -11,6 +11,12 @@ from tasks import corpus, models
 from tasks.config import CorpusConfig, ModelConfig
 
 
+def _parquet_bytes(texts: list[str | None]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), sink)
+    return sink.getvalue().to_pybytes()
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return models.byte_tokenizer()
@@ -60,8 +66,13 @@ def test_folder_of_txt_files_reads_in_sorted_order(tokenizer, tmp_path):
         ("e.txt", b"", "corpus.source", "holds no text"),
         ("x.jsonl", b'{"content": "a"}\n', "corpus.text_field", "has no key 'text'"),
         ("x.jsonl", b"{broken\n", "corpus.source", "is not JSON"),
+        # records past the first, which check_source does not read: refused when read, by line or row
+        ("late.jsonl", b'{"text": "ok"}\n{"text": "fine"}\n{"text": null}\n', "corpus.source", "late.jsonl:3: 'text' is null"),
+        ("late.jsonl", b'{"text": "ok"}\n[1]\n', "corpus.source", "late.jsonl:2 is an array, not a JSON object"),
+        ("late.jsonl", b'{"text": "ok"}\n{"text": ["a"]}\n', "corpus.source", "late.jsonl:2: 'text' is an array, not text"),
+        ("late.parquet", _parquet_bytes(["ok", "fine", None]), "corpus.source", "late.parquet row 3: 'text' is null"),
     ],
-)
+)  # fmt: skip
 def test_bad_corpora_name_field_and_fix(tokenizer, tmp_path, name, content, field, problem):
     if content is not None:
         (tmp_path / name).write_bytes(content)
