@@ -43,9 +43,21 @@ DEMO_SUMMARY := select c.task, m.method, nullif(m.explainer_model, '') as explai
   and m.method in ('trained', 'nearest_neighbor', 'selfie', 'zero_shot', 'majority', 'position_bias') \
   order by c.task, m.method, explainer, m.n_train
 
+# Which orderings held: each trained explainer minus its own v = 0, shuffled-v and rotated-basis controls, the
+# nearest-neighbour baseline and the other trained explainer, per item on the same test items (paired SE).
+DEMO_ORDERINGS := select c.task, c.n_train, p.explainer_model as explainer, p.rival_method as versus, \
+  p.rival_model, p.n, round(100 * p.gain, 1) as gain_x100, round(100 * p.se, 1) as se_x100, \
+  case when p.gain > 2 * p.se then 'holds' when p.gain < -2 * p.se then 'reversed' else 'not shown' end as ordering \
+  from paired_gains p join experiment_cells c using (run_id) \
+  where p.split = 'test' and (p.rival_method = 'nearest_neighbor' or (p.rival_method = 'trained') \
+  or (p.rival_method in ('zero_vector', 'shuffled_vector', 'rotated_basis') and p.rival_model = p.explainer_model)) \
+  order by c.task, c.n_train, explainer, versus
+
 demo: $(STAMP)
 	.venv/bin/selfexplain run experiment -c recipes/demo_smollm2.yaml
 	.venv/bin/selfexplain sql "$(DEMO_SUMMARY)"
+	@echo "orderings: trained minus each rival on the same items; 'holds' when the gain exceeds 2 paired SE"
+	.venv/bin/selfexplain sql "$(DEMO_ORDERINGS)"
 	@echo "report: $$(.venv/bin/selfexplain report)"
 
 # Every benchmark, each printing `RESULT <name> <value> goal <goal>` lines; `make bench BENCH_ARGS=--quick`

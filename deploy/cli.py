@@ -23,7 +23,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from storage.errors import UserInputError, first_line  # noqa: E402
-from storage.store import store_root  # noqa: E402
+from storage.store import check_store, store_root  # noqa: E402
 from tasks.config import RECIPES, StrictModel, load_recipe  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -59,15 +59,7 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str, out: TextIO | No
 
 def _check_store(root: Path) -> Path:
     """`root` when it can be a store: a folder (or not made yet) whose catalog, if any, is a file."""
-    from storage.catalog import catalog_path
-
-    if root.exists() and not root.is_dir():
-        raise UserInputError("store", f"{root} is a file, not a store folder",
-                             "point --home (or $SELFEXPLAIN_HOME) at a folder")  # fmt: skip
-    if catalog_path(root).is_dir():
-        raise UserInputError("store", f"{catalog_path(root)} is a folder, not a DuckDB catalog",
-                             "move it away, then run `selfexplain catalog`: it rebuilds the catalog from the datasets")  # fmt: skip
-    return root
+    return check_store(root, "point --home (or $SELFEXPLAIN_HOME) at a folder")
 
 
 def _check_catalog_opens(root: Path) -> None:

@@ -1,4 +1,11 @@
-"""Prefect flows, one per pipeline: thin, they read like the paper's method section."""
+"""Prefect flows, one per pipeline: thin, they read like the paper's method section.
+
+Each flow first runs its recipe's check (VALIDATORS below: the same ones the CLI runs before it starts a flow),
+so a run started from a deployment (the UI, the API, a schedule) refuses bad input before anything is written,
+with the one-line UserInputError as its failure message. No flow is retried as a whole (retries=0, whatever
+PREFECT_FLOW_DEFAULT_RETRIES says): bad input would fail again, and transient failures are retried by the
+tasks that meet them (tasks.orchestration.retry_transient).
+"""
 
 from flows.ablation import ablation
 from flows.cache_activations import cache_activations

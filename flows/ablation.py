@@ -15,10 +15,12 @@ from prefect import flow
 from flows.outcomes import explain_outcomes
 from tasks.ablation import ablation_ground_truth
 from tasks.config import AblationRecipe
+from tasks.explain_outcomes import check_recipe
 
 
-@flow(name="ablation", log_prints=True)
+@flow(name="ablation", log_prints=True, retries=0)
 def ablation(recipe: AblationRecipe) -> dict[str, Any]:
     """Input ablation end to end: ground truth, explainers, baselines, metrics."""
+    check_recipe(recipe)  # first: bad input fails the run in one line, before anything is written
     truth = ablation_ground_truth(recipe)
     return explain_outcomes(recipe, truth)

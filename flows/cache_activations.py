@@ -16,7 +16,7 @@ from tasks.corpus import tokenize_corpus
 from tasks.orchestration import refresh_catalog_task
 
 
-@flow(name="cache-activations", log_prints=True)
+@flow(name="cache-activations", log_prints=True, retries=0)
 def cache_activations(recipe: CacheRecipe) -> dict[str, Any]:
     """Cache the residual stream of `recipe.model` over `recipe.corpus` at `recipe.cache.layers`."""
     plan = plan_cache(recipe)

@@ -19,7 +19,7 @@ from tasks.corpus import tokenize_corpus
 from tasks.orchestration import refresh_catalog_task
 
 
-@flow(name="calibrate", log_prints=True)
+@flow(name="calibrate", log_prints=True, retries=0)
 def calibrate(recipe: CalibrateRecipe) -> dict[str, Any]:
     """Token readout under every injection mode of `recipe.calibration.injections`, with its controls."""
     plan = check_recipe(recipe)

@@ -17,7 +17,7 @@ from flows.outcomes import explain_outcomes
 from storage.store import store_root
 from tasks.ablation import ablation_ground_truth
 from tasks.config import ExperimentRecipe, RunnerConfig
-from tasks.experiment import Cell, cell_recipe, expand, record_experiment
+from tasks.experiment import Cell, cell_recipe, check_recipe, expand, record_experiment
 from tasks.orchestration import refresh_catalog_task
 from tasks.patching import patching_ground_truth
 from tasks.report import write_report_task
@@ -31,7 +31,7 @@ def run_cell(recipe: ExperimentRecipe, cell: Cell, truth: dict[str, Any]) -> str
     return explain(cell_recipe(recipe, cell), truth)["results"]["run_id"]
 
 
-@flow(name="experiment-grid")
+@flow(name="experiment-grid", retries=0)
 def fan_out(recipe: ExperimentRecipe, cells: list[Cell], truths: dict[str, dict[str, Any]]) -> list[str]:
     """Every cell as a task of this subflow's task runner (Dask workers), all submitted at once."""
     cell_task = task(run_cell, name="experiment-cell")
@@ -48,9 +48,10 @@ def dask_runner(cfg: RunnerConfig) -> Any:
     return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.n_workers, "threads_per_worker": 1, "processes": True})
 
 
-@flow(name="experiment", log_prints=True)
+@flow(name="experiment", log_prints=True, retries=0)
 def experiment(recipe: ExperimentRecipe) -> dict[str, Any]:
     """Every task's ground truth once, then every grid cell, then the report."""
+    check_recipe(recipe)  # first: bad input fails the run in one line, before anything is written
     cells = expand(recipe)
     truths = {name: GROUND_TRUTH[name](recipe.task_recipe(name)) for name in recipe.tasks}
     if recipe.runner.kind == "dask":

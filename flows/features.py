@@ -52,7 +52,7 @@ def explain_features(recipe: FeaturesRecipe, gt: dict[str, Any]) -> dict[str, An
     return {"ground_truth": gt["truth"], "explainers": checkpoints, "results": results}
 
 
-@flow(name="features", log_prints=True)
+@flow(name="features", log_prints=True, retries=0)
 def features(recipe: FeaturesRecipe) -> dict[str, Any]:
     """Feature descriptions end to end: ground truth, explainers, baselines, metrics."""
     return explain_features(recipe, features_ground_truth(recipe))

@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.errors import CorruptShardError
+from storage.errors import CorruptShardError, UserInputError
 from storage.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,27 @@ def store_root(home: str | os.PathLike | None = None) -> Path:
     """The store root: an explicit `home` (a recipe's), else $SELFEXPLAIN_HOME, else ./.selfexplain."""
     chosen = home or os.environ.get("SELFEXPLAIN_HOME") or DEFAULT_HOME
     return Path(chosen).expanduser().resolve()
+
+
+STORE_FIX = "point --home (or the recipe's home, or $SELFEXPLAIN_HOME) at a folder"
+
+
+def check_store(home: str | os.PathLike | None = None, fix: str = STORE_FIX) -> Path:
+    """The store root of `home` (as `store_root`) when a run can use it, checked before anything is created:
+    a folder, or a path not made yet under a folder; a catalog in it must be a file. Nothing is written. `fix`
+    says where the root came from."""
+    from storage.catalog import catalog_path
+
+    root = store_root(home)
+    if root.exists() and not root.is_dir():
+        raise UserInputError("store", f"{root} is a file, not a store folder", fix)
+    above = next(p for p in root.parents if p.exists())  # the filesystem root always exists
+    if not root.exists() and not above.is_dir():
+        raise UserInputError("store", f"{above} is a file, so no store can be made at {root}", fix)
+    if catalog_path(root).is_dir():
+        raise UserInputError("store", f"{catalog_path(root)} is a folder, not a DuckDB catalog",
+                             "move it away, then run `selfexplain catalog`: it rebuilds the catalog from the datasets")  # fmt: skip
+    return root
 
 
 def store_id(root: Path) -> str:

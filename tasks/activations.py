@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from storage.errors import UserInputError
 from storage.hashing import config_hash
-from storage.store import Dataset, store_root
+from storage.store import Dataset, check_store
 from tasks import corpus, models
 from tasks.config import CacheConfig, CacheRecipe
 from tasks.corpus import read_token_shard
@@ -172,7 +172,9 @@ class CachePlan(BaseModel):
 
 
 def plan_cache(recipe: CacheRecipe) -> CachePlan:
-    """Validate a cache recipe against the model and corpus (no weights loaded, nothing written to the store)."""
+    """Validate a cache recipe against the store, the model and the corpus (no weights loaded, nothing written to
+    the store): the cheap checks first, the corpus's size (which reads its start) last."""
+    home = check_store(recipe.home)
     resolved = models.resolve(recipe.model)
     config = models.load_config(recipe.model)
     check_layers(recipe.cache.layers, config.num_hidden_layers, recipe.model.name)
@@ -181,6 +183,7 @@ def plan_cache(recipe: CacheRecipe) -> CachePlan:
         raise UserInputError(
             "cache.skip_first", f"skips all {recipe.corpus.context_length} positions", "lower it below context_length"
         )
+    corpus.check_size(recipe.corpus)
     precision = models.resolve_runtime(recipe.model).precision
     tokens = corpus.tokens_key(recipe.corpus, resolved.identity, recipe.cache.contexts_per_shard)
     cache = recipe.cache.model_dump(exclude={"batch_size"})  # batch size changes speed, not the result
@@ -188,7 +191,7 @@ def plan_cache(recipe: CacheRecipe) -> CachePlan:
         STAGE, STAGE_VERSION, {"model": resolved.identity, "precision": precision, "tokens": tokens, "cache": cache}
     )
     return CachePlan(
-        home=str(store_root(recipe.home)),
+        home=str(home),
         model_identity=resolved.identity,
         precision=precision,
         n_layers=config.num_hidden_layers,

@@ -9,9 +9,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from storage.errors import UserInputError, one_line, short_repr
+
+# Upper bounds of the integer fields: generous for an 8B model on a large GPU, yet small enough that no value
+# reaches a loader, an allocation or a seeded generator that cannot take it (a 400-digit batch size).
+MAX_BATCH = 65_536  # items per forward pass, decode batch or shard
+MAX_TOKENS = 10**12  # tokens of a corpus
+MAX_ITEMS = 10**9  # examples, rows, pairs, features, positions, optimizer steps
+MAX_LENGTH = 1_048_576  # tokens of one context or prompt
+MAX_LAYERS = 4096  # decoder blocks (layer indices, chunks)
+MAX_SEED = 2**32 - 1  # numpy, torch and random all take 0..2**32-1
+SEED = {"ge": 0, "le": MAX_SEED}
 
 
 def _leaf_types(annotation: Any) -> set[Any]:
@@ -77,7 +87,7 @@ class ModelConfig(StrictModel):
         description="Mixed-precision compute. 'auto': bfloat16 autocast on a CPU with AMX/AVX512-BF16 "
         "(2-3x faster), none elsewhere. 'none' gives the float32 reference.",
     )
-    seed: int = Field(0, description="Seed of the random initialisation (tiny-* test models only).")
+    seed: int = Field(0, **SEED, description="Seed of the random initialisation (tiny-* test models only).")
     memory_fraction: float | None = Field(
         None,
         gt=0,
@@ -96,36 +106,56 @@ class CorpusConfig(StrictModel):
         "about 2.3M SmolLM2 tokens, on every install), or a path: a .txt/.jsonl/.parquet file, a folder of them, or a datasets save_to_disk folder.",
     )
     text_field: str = Field("text", description="Column / JSON key holding the text (jsonl, parquet, datasets).")
-    n_tokens: int = Field(100_000, gt=0, description="Tokens to take from the corpus (rounded up to whole contexts).")
-    context_length: int = Field(128, ge=2, description="Tokens per context, the first being BOS.")
+    n_tokens: int = Field(
+        100_000, gt=0, le=MAX_TOKENS, description="Tokens to take from the corpus (rounded up to whole contexts)."
+    )
+    context_length: int = Field(128, ge=2, le=MAX_LENGTH, description="Tokens per context, the first being BOS.")
 
 
 class CacheConfig(StrictModel):
     """What to record of the residual stream."""
 
-    layers: list[int] = Field(
+    layers: list[Annotated[int, Field(le=MAX_LAYERS)]] = Field(
         [3, 15],
         min_length=1,
         description="Layers whose residual stream is cached: the output of decoder block l (0-based; "
         "HF hidden_states[l+1], TransformerLens blocks.l.hook_resid_post).",
     )
     skip_first: int = Field(
-        1, ge=0, description="Positions at the start of each context not stored (the BOS / attention sink)."
+        1,
+        ge=0,
+        le=MAX_LENGTH,
+        description="Positions at the start of each context not stored (the BOS / attention sink).",
     )
     positions_per_context: int | None = Field(
-        None, gt=0, description="Store this many positions per context, sampled with `seed`; null stores all."
+        None,
+        gt=0,
+        le=MAX_LENGTH,
+        description="Store this many positions per context, sampled with `seed`; null stores all.",
     )
-    seed: int = Field(0, description="Seed of the position sampling.")
+    seed: int = Field(0, **SEED, description="Seed of the position sampling.")
     dtype: Literal["float16", "float32"] = Field("float16", description="Storage dtype of the activations.")
-    batch_size: int = Field(16, gt=0, description="Contexts per forward pass.")
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="Contexts per forward pass.")
     contexts_per_shard: int = Field(
-        64, gt=0, description="Contexts per Parquet shard: the unit of resume after a crash."
+        64, gt=0, le=MAX_BATCH, description="Contexts per Parquet shard: the unit of resume after a crash."
     )
 
     @field_validator("layers")
     @classmethod
     def _sorted(cls, v: list[int]) -> list[int]:
         return sorted(v)  # repeats are refused by StrictModel
+
+
+def check_positions(corpus: CorpusConfig, cache: CacheConfig) -> None:
+    """A context of `corpus` must hold a position to store, and the `cache.positions_per_context` asked."""
+    storable = corpus.context_length - cache.skip_first
+    if storable <= 0:
+        raise UserInputError("cache.skip_first", f"{cache.skip_first} skips all {corpus.context_length} positions "
+                             "of a context", "lower it below corpus.context_length")  # fmt: skip
+    if cache.positions_per_context is not None and cache.positions_per_context > storable:
+        raise UserInputError("cache.positions_per_context", f"{cache.positions_per_context} asked but a context "
+                             f"of {corpus.context_length} tokens holds {storable} storable positions (skip_first "
+                             f"{cache.skip_first})", f"use at most {storable}, or null to store all")  # fmt: skip
 
 
 class CacheRecipe(StrictModel):
@@ -136,6 +166,11 @@ class CacheRecipe(StrictModel):
     corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="The text it reads.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="What is recorded.")
 
+    @model_validator(mode="after")
+    def _positions_fit(self) -> "CacheRecipe":
+        check_positions(self.corpus, self.cache)
+        return self
+
 
 class SAETrainConfig(StrictModel):
     """How the SAE ground truth is obtained: trained here with sae-lens on the cache, or loaded."""
@@ -145,16 +180,26 @@ class SAETrainConfig(StrictModel):
         description="Folder of pretrained sae-lens SAEs, one sub-folder per layer named 'layer_<l>' "
         "(cfg.json + sae_weights.safetensors); null trains them here.",
     )
-    expansion: int = Field(8, gt=0, description="d_sae = expansion x d_model.")
-    k: int = Field(32, gt=0, description="Active features per token (TopK SAE).")
+    expansion: int = Field(8, gt=0, le=4096, description="d_sae = expansion x d_model.")
+    k: int = Field(32, gt=0, le=MAX_BATCH, description="Active features per token (TopK SAE).")
     lr: float = Field(4e-4, gt=0, description="Adam learning rate.")
-    batch_tokens: int = Field(4096, gt=0, description="Activation vectors per SAE training step.")
-    epochs: int = Field(3, gt=0, description="Passes over the cached activations of each layer.")
-    seed: int = Field(0, description="Seed of initialisation and shuffling.")
-    n_exemplars: int = Field(20, gt=0, description="Top-activating contexts kept per feature (the paper's top-20).")
-    min_exemplars: int = Field(
-        10, gt=0, description="Features with fewer distinct activating contexts are not labelled or used."
+    batch_tokens: int = Field(4096, gt=0, le=16 * MAX_BATCH, description="Activation vectors per SAE training step.")
+    epochs: int = Field(3, gt=0, le=10_000, description="Passes over the cached activations of each layer.")
+    seed: int = Field(0, **SEED, description="Seed of initialisation and shuffling.")
+    n_exemplars: int = Field(
+        20, gt=0, le=MAX_BATCH, description="Top-activating contexts kept per feature (the paper's top-20)."
     )
+    min_exemplars: int = Field(
+        10, gt=0, le=MAX_BATCH, description="Features with fewer distinct activating contexts are not labelled or used."
+    )
+
+    @model_validator(mode="after")
+    def _enough_exemplars_kept(self) -> "SAETrainConfig":
+        if self.n_exemplars < self.min_exemplars:  # no feature could reach min_exemplars: nothing to label
+            raise UserInputError("n_exemplars", f"{self.n_exemplars} is fewer than min_exemplars "
+                                 f"({self.min_exemplars}), so no feature would be kept",
+                                 f"keep at least {self.min_exemplars} exemplars, or lower min_exemplars")  # fmt: skip
+        return self
 
 
 class LabelConfig(StrictModel):
@@ -165,7 +210,7 @@ class LabelConfig(StrictModel):
         description="'tokens': deterministic, the token strings that most specifically activate the feature; "
         "'llm': a prompted LM over the top exemplars.",
     )
-    max_tokens: int = Field(3, gt=0, description="tokens labeler: at most this many token strings per label.")
+    max_tokens: int = Field(3, gt=0, le=1000, description="tokens labeler: at most this many token strings per label.")
     llm_model: str | None = Field(
         None, description="llm labeler: a registry name or HF folder, or 'openai:<model>' for an endpoint."
     )
@@ -196,7 +241,9 @@ class ExplainerConfig(StrictModel):
     fit_ridge: float = Field(
         0.01, gt=0, description="projection 'fitted': ridge penalty, relative to the mean variance of a coordinate."
     )
-    fit_rows: int = Field(20_000, gt=1, description="projection 'fitted': cached positions fitted on, per layer.")
+    fit_rows: int = Field(
+        20_000, gt=1, le=MAX_ITEMS, description="projection 'fitted': cached positions fitted on, per layer."
+    )
     injection: Injection = Field(
         "embedding",
         description="Where u = Π_ℓ v enters the explainer. 'embedding': replaces the placeholder's input "
@@ -205,7 +252,9 @@ class ExplainerConfig(StrictModel):
         "layers read a layer-ℓ state. 'early_add': adds unit(u) x |h| x inject_scale to the residual h at the "
         "placeholder after block inject_layer (Activation Oracles), so u arrives at the norm the stream has.",
     )
-    inject_layer: int = Field(1, ge=0, description="early_add only: the explainer block after which u is added.")
+    inject_layer: int = Field(
+        1, ge=0, le=MAX_LAYERS, description="early_add only: the explainer block after which u is added."
+    )
     inject_scale: float = Field(1.0, gt=0, description="early_add only: the added vector's norm relative to |h|.")
     vector_norm: Literal["match", "raw"] = Field(
         "match",
@@ -216,35 +265,41 @@ class ExplainerConfig(StrictModel):
         "'early_add' always matches |h|.",
     )
     finetune: Literal["lora", "full"] = Field("lora", description="LoRA via peft, or full fine-tuning.")
-    lora_r: int = Field(16, gt=0, description="LoRA rank.")
-    lora_alpha: int = Field(32, gt=0, description="LoRA alpha.")
+    lora_r: int = Field(16, gt=0, le=MAX_BATCH, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, le=MAX_BATCH, description="LoRA alpha.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate (constant, no warm-up).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    batch_size: int = Field(16, gt=0, description="Examples per step.")
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="Examples per step.")
     epochs: int = Field(
-        3, gt=0, description="Passes over the training set: the step budget before min_steps and max_steps."
+        3, gt=0, le=10_000, description="Passes over the training set: the step budget before min_steps and max_steps."
     )
     min_steps: int = Field(
         0,
         ge=0,
+        le=MAX_ITEMS,
         description="Floor on optimizer steps: a small training set gets more epochs, and early stopping waits "
         "for it (a data-efficiency point that is under-trained measures the step count, not the data).",
     )
-    max_steps: int | None = Field(None, gt=0, description="Cap on optimizer steps; null: no cap.")
+    max_steps: int | None = Field(None, gt=0, le=MAX_ITEMS, description="Cap on optimizer steps; null: no cap.")
     eval_every: int | None = Field(
-        None, gt=0, description="Steps between validations (and resume points); null: once per epoch."
+        None, gt=0, le=MAX_ITEMS, description="Steps between validations (and resume points); null: once per epoch."
     )
     patience: int = Field(
-        0, ge=0, description="Validations in a row without a new best that stop training (after min_steps)."
+        0,
+        ge=0,
+        le=MAX_ITEMS,
+        description="Validations in a row without a new best that stop training (after min_steps).",
     )
     proj_lr: float | None = Field(
         None, gt=0, description="Learning rate of the projections Π_ℓ; null: lr. New, so often worth more than lr."
     )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Training examples held out for early stopping.")
-    max_new_tokens: int = Field(20, gt=0, description="Greedy decoding length (the paper's 20 for features).")
-    seed: int = Field(0, description="Seed of shuffling, template sampling and initialisation.")
-    eval_batch_size: int = Field(32, gt=0, description="Prompts per batched greedy decode.")
+    max_new_tokens: int = Field(
+        20, gt=0, le=MAX_BATCH, description="Greedy decoding length (the paper's 20 for features)."
+    )
+    seed: int = Field(0, **SEED, description="Seed of shuffling, template sampling and initialisation.")
+    eval_batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Prompts per batched greedy decode.")
 
 
 class PatchingConfig(StrictModel):
@@ -253,21 +308,26 @@ class PatchingConfig(StrictModel):
     facts: str | None = Field(
         None, description="Fact file: null for the built-in fact base, a facts .jsonl, or CounterFact .json."
     )
-    n_pairs: int = Field(120, gt=0, description="Counterfactual pairs (x, x') to sweep.")
+    n_pairs: int = Field(120, gt=0, le=MAX_ITEMS, description="Counterfactual pairs (x, x') to sweep.")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of subjects (hence pairs) held out as test.")
-    n_chunks: int = Field(4, gt=0, description="Contiguous layer chunks patched together.")
+    n_chunks: int = Field(4, gt=0, le=MAX_LAYERS, description="Contiguous layer chunks patched together.")
     prompt_format: Literal["fewshot", "zeroshot"] = Field(
         "fewshot",
         description="'zeroshot': the paper's prompt; 'fewshot': one worked example from another relation and "
         "'Answer:' pre-filled, so that small targets answer with an offered option.",
     )
     positions_per_pair: int | None = Field(
-        24, gt=0, description="Positions swept per pair: every typed position plus sampled others; null = all."
+        24,
+        gt=0,
+        le=MAX_LENGTH,
+        description="Positions swept per pair: every typed position plus sampled others; null = all.",
     )
-    batch_size: int = Field(32, gt=0, description="Patched copies of x per forward pass.")
-    pairs_per_shard: int = Field(10, gt=0, description="Pairs per sweep shard (the unit of resume).")
-    cell_cap: int = Field(60, gt=0, description="Balancing: at most this many rows per (token type, chunk, changed).")
-    seed: int = Field(0, description="Seed of pairing, options, positions and balancing.")
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Patched copies of x per forward pass.")
+    pairs_per_shard: int = Field(10, gt=0, le=MAX_BATCH, description="Pairs per sweep shard (the unit of resume).")
+    cell_cap: int = Field(
+        60, gt=0, le=MAX_ITEMS, description="Balancing: at most this many rows per (token type, chunk, changed)."
+    )
+    seed: int = Field(0, **SEED, description="Seed of pairing, options, positions and balancing.")
     import_train: str | None = Field(
         None,
         description="Instead of sweeping: a public act_patch dataset (.parquet/.json/.jsonl or save_to_disk "
@@ -282,14 +342,16 @@ class AblationConfig(StrictModel):
     questions: str | None = Field(
         None, description="Question file: null for the built-in bank, or an MMLU-format .jsonl/.parquet."
     )
-    n_questions: int | None = Field(None, gt=0, description="Use at most this many questions; null uses all.")
+    n_questions: int | None = Field(
+        None, gt=0, le=MAX_ITEMS, description="Use at most this many questions; null uses all."
+    )
     hint: str = Field("Hint: The answer is {letter}", description="Hint wording; {letter} is drawn from A-D.")
     hints_per_question: int = Field(
         1, ge=1, le=4, description="Rows per question, each with a different random hint letter (same split)."
     )
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of questions held out as test.")
-    batch_size: int = Field(16, gt=0, description="Prompts per forward pass.")
-    seed: int = Field(0, description="Seed of hint letters and the split.")
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="Prompts per forward pass.")
+    seed: int = Field(0, **SEED, description="Seed of hint letters and the split.")
     import_train: str | None = Field(
         None,
         description="Instead of asking the target: a public input_ablation dataset (.parquet/.json/.jsonl or "
@@ -310,10 +372,15 @@ ROTATED_BASIS_ROLES = (
 class FeatureEvalConfig(StrictModel):
     """What the features flow measures."""
 
-    test_per_layer: int = Field(50, gt=0, description="Held-out features per layer (split by feature).")
-    n_train: int | None = Field(None, gt=0, description="Cap on training features (all layers); null uses all.")
+    test_per_layer: int = Field(50, gt=0, le=MAX_ITEMS, description="Held-out features per layer (split by feature).")
+    n_train: int | None = Field(
+        None, gt=0, le=MAX_ITEMS, description="Cap on training features (all layers); null uses all."
+    )
     ood_act_per_layer: int = Field(
-        25, ge=0, description="ACT out-of-distribution vectors per layer (residual vectors at sampled tokens)."
+        25,
+        ge=0,
+        le=MAX_ITEMS,
+        description="ACT out-of-distribution vectors per layer (residual vectors at sampled tokens).",
     )
     selfie_scales: list[float] = Field(
         [1, 5, 10, 25, 50],
@@ -322,9 +389,12 @@ class FeatureEvalConfig(StrictModel):
         "selfie_select training features; selfie_best_of_scales takes each test item's best (an upper bound).",
     )
     selfie_select: int = Field(
-        40, gt=0, description="SelfIE: training features (a seeded sample) on which its one scale is chosen."
+        40,
+        gt=0,
+        le=MAX_ITEMS,
+        description="SelfIE: training features (a seeded sample) on which its one scale is chosen.",
     )
-    selfie_max_new_tokens: int = Field(25, gt=0, description="SelfIE decoding length (the paper's 25).")
+    selfie_max_new_tokens: int = Field(25, gt=0, le=MAX_BATCH, description="SelfIE decoding length (the paper's 25).")
     embedding_similarity: bool = Field(
         True, description="Also score cosine similarity of sentence embeddings against the gold label."
     )
@@ -340,7 +410,10 @@ class FeatureEvalConfig(StrictModel):
     )
     judge_base_url: str | None = Field(None, description="OpenAI-compatible base URL of the judge.")
     delta_act_per_layer: int = Field(
-        10, ge=0, description="ΔACT vectors per layer: h(x) - h(x') at the last token of counterfactual prompt pairs."
+        10,
+        ge=0,
+        le=MAX_ITEMS,
+        description="ΔACT vectors per layer: h(x) - h(x') at the last token of counterfactual prompt pairs.",
     )
     selfie: bool = Field(
         True, description="Score the untrained SelfIE baseline (independent of n_train: experiments run it once)."
@@ -361,6 +434,7 @@ class FeatureEvalConfig(StrictModel):
     alignment_contexts: int = Field(
         32,
         ge=0,
+        le=MAX_ITEMS,
         description="Privileged-access diagnostics (paper §3.8, Table 4): compare each trained explainer's "
         "hidden states with the target's on this many exemplar contexts of held-out features (0 skips them).",
     )
@@ -383,13 +457,19 @@ class OutcomeEvalConfig(StrictModel):
     """What the patching and ablation flows train and measure (paper §4.5-4.7, §5.3)."""
 
     n_train: int | None = Field(
-        None, gt=0, description="Cap on training rows (a seeded sample of the train split); null uses all."
+        None,
+        gt=0,
+        le=MAX_ITEMS,
+        description="Cap on training rows (a seeded sample of the train split); null uses all.",
     )
     n_test: int | None = Field(
-        None, gt=0, description="Cap on test rows (a seeded sample of the test split); null uses all."
+        None, gt=0, le=MAX_ITEMS, description="Cap on test rows (a seeded sample of the test split); null uses all."
     )
     max_prompt_tokens: int = Field(
-        500, gt=0, description="Training rows whose explainer prompt is longer are skipped (the paper's 500)."
+        500,
+        gt=0,
+        le=MAX_LENGTH,
+        description="Training rows whose explainer prompt is longer are skipped (the paper's 500).",
     )
     prompt_ablations: list[Literal["no_activation", "no_layer", "no_token"]] = Field(
         ["no_activation"],
@@ -404,7 +484,7 @@ class OutcomeEvalConfig(StrictModel):
         "the vector of another test row of the same chunk (shuffled_vector): does it read v at all?",
     )
     zero_shot: bool = Field(True, description="Also score each explainer's untrained model with the paper's prompt.")
-    seed: int = Field(0, description="Seed of the train/test samples and of template choice at evaluation.")
+    seed: int = Field(0, **SEED, description="Seed of the train/test samples and of template choice at evaluation.")
 
 
 class _CachedRecipe(StrictModel):
@@ -414,6 +494,11 @@ class _CachedRecipe(StrictModel):
     target: ModelConfig = Field(default_factory=ModelConfig, description="The frozen target model.")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="Text whose activations are cached.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Layers and positions cached.")
+
+    @model_validator(mode="after")
+    def _positions_fit(self) -> "_CachedRecipe":
+        check_positions(self.corpus, self.cache)
+        return self
 
     def cache_recipe(self) -> CacheRecipe:
         """The cache-activations recipe the flow runs first (same store, model, corpus, cache)."""
@@ -469,10 +554,10 @@ class AblationRecipe(_OutcomeRecipe):
 class GridConfig(StrictModel):
     """The experiment grid: every task x n_train x seed cell trains and scores every explainer."""
 
-    n_train: list[int] = Field(
+    n_train: list[Annotated[int, Field(le=MAX_ITEMS)]] = Field(
         [64, 128, 256, 512, 1024], min_length=1, description="Training-set sizes (a log grid; nested subsets)."
     )
-    seeds: list[int] = Field(
+    seeds: list[Annotated[int, Field(**SEED)]] = Field(
         [0], min_length=1, description="Explainer seeds (initialisation, shuffling, templates) per size."
     )
     controls: Literal["largest", "every"] = Field(
@@ -507,6 +592,7 @@ class RunnerConfig(StrictModel):
     n_workers: int = Field(
         2,
         ge=1,
+        le=4096,
         description="With kind dask and no address: worker processes of the local cluster (one thread each). "
         "Model-holding tasks on one machine still take its single `gpu` slot one at a time.",
     )
@@ -546,8 +632,10 @@ class CalibrationConfig(StrictModel):
         "replaced by each in turn); 'embedding_fitted' is injection 'embedding' with projection 'fitted' (a "
         "ridge Π into the embedding space, fitted on cached residuals of training token types only).",
     )
-    n_train: int = Field(2400, gt=0, description="Training examples, spread evenly over the cached layers.")
-    n_test: int = Field(150, gt=0, description="Held-out test tokens per layer (distinct token types).")
+    n_train: int = Field(
+        2400, gt=0, le=MAX_ITEMS, description="Training examples, spread evenly over the cached layers."
+    )
+    n_test: int = Field(150, gt=0, le=MAX_ITEMS, description="Held-out test tokens per layer (distinct token types).")
     split: Literal["types", "occurrences"] = Field(
         "types",
         description="'types': held-out token types, never trained on (naming a token it never learned to name "
@@ -557,8 +645,10 @@ class CalibrationConfig(StrictModel):
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="split 'types': share of token types held out, none ever trained on."
     )
-    max_token_chars: int = Field(24, gt=0, description="Longest token text that is named (longer ones are skipped).")
-    seed: int = Field(0, description="Seed of the type split, the sampling and the shuffled-v control.")
+    max_token_chars: int = Field(
+        24, gt=0, le=MAX_LENGTH, description="Longest token text that is named (longer ones are skipped)."
+    )
+    seed: int = Field(0, **SEED, description="Seed of the type split, the sampling and the shuffled-v control.")
 
 
 class CalibrateRecipe(_CachedRecipe):
@@ -614,8 +704,14 @@ def _user_path(data: Any, loc: tuple[Any, ...], missing: bool) -> str:
 
 
 def _one_line(err: ValidationError, data: dict[str, Any]) -> UserInputError:
-    """The first pydantic error as one line naming the field (as written in the recipe) and the fix."""
+    """The first pydantic error as one line naming the field (as written in the recipe) and the fix. A model
+    validator's UserInputError names its field relative to the model it checks; it keeps its problem and fix."""
     e = err.errors()[0]
+    cause = e.get("ctx", {}).get("error")
+    if e["type"] == "value_error" and isinstance(cause, UserInputError):
+        at = _user_path(data, e["loc"], False)
+        return UserInputError(f"recipe field '{cause.field if at == '(top level)' else at + '.' + cause.field}'",
+                              cause.problem, cause.fix)  # fmt: skip
     field = "recipe field '" + _user_path(data, e["loc"], e["type"] == "missing") + "'"
     if e["type"] == "extra_forbidden":
         return UserInputError(

@@ -7,6 +7,7 @@ torch (pinned versions, so the text is fixed): about 2.3M SmolLM2 tokens with no
 """
 
 import ast
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -37,12 +38,27 @@ DOCSTRING_PACKAGES = ("numpy", "torch")  # after the standard library, in this o
 MIN_DOCSTRING_CHARS = 40  # shorter ones are mostly "Return self." boilerplate
 
 
-def _docstrings(root: Path, skip: tuple[str, ...] = ()) -> Iterator[str]:
-    """Module, class and function docstrings of every .py file under `root`, files in sorted order."""
+def _docstring_files(root: Path, skip: tuple[str, ...] = ()) -> Iterator[Path]:
+    """The .py files under `root` whose docstrings the built-in corpus holds, in sorted order (no tests)."""
     for path in sorted(root.rglob("*.py")):
         parts = path.relative_to(root).parts
-        if parts[0] in skip or "test" in parts or "tests" in parts:
-            continue
+        if not (parts[0] in skip or "test" in parts or "tests" in parts):
+            yield path
+
+
+def _docstring_roots() -> list[tuple[Path, tuple[str, ...]]]:
+    """(folder, top-level names skipped) of the standard library, then of each of DOCSTRING_PACKAGES."""
+    roots = [(Path(sysconfig.get_paths()["stdlib"]), ("site-packages", "idlelib", "turtledemo"))]
+    for pkg in DOCSTRING_PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        if spec is not None and spec.submodule_search_locations:
+            roots.append((Path(next(iter(spec.submodule_search_locations))), ()))
+    return roots
+
+
+def _docstrings(root: Path, skip: tuple[str, ...] = ()) -> Iterator[str]:
+    """Module, class and function docstrings of every .py file under `root`, files in sorted order."""
+    for path in _docstring_files(root, skip):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -59,11 +75,25 @@ def _python_docs() -> Iterator[str]:
 
     for key in sorted(topics):
         yield topics[key]
-    yield from _docstrings(Path(sysconfig.get_paths()["stdlib"]), skip=("site-packages", "idlelib", "turtledemo"))
-    for pkg in DOCSTRING_PACKAGES:
-        spec = importlib.util.find_spec(pkg)
-        if spec is not None and spec.submodule_search_locations:
-            yield from _docstrings(Path(next(iter(spec.submodule_search_locations))))
+    for root, skip in _docstring_roots():
+        yield from _docstrings(root, skip)
+
+
+@functools.cache
+def _python_docs_ceiling() -> tuple[int, int]:
+    """(bytes, stream bound) of the built-in corpus without parsing a file: the topics' UTF-8 bytes (+ the slack
+    per document), then each source file's bytes, 7 more per tab or `\\t` escape. A docstring's text is no
+    longer than its literal, but for tabs (expanded to at most 8 spaces), and its quotes cover the slack."""
+    from pydoc_data.topics import topics
+
+    n_bytes = sum(len(t.encode("utf-8")) for t in topics.values())
+    bound = n_bytes + DOC_TOKEN_SLACK * len(topics)
+    for root, skip in _docstring_roots():
+        for path in _docstring_files(root, skip):
+            data = path.read_bytes()
+            n_bytes += len(data)
+            bound += len(data) + 7 * (data.count(b"\t") + data.count(b"\\t"))
+    return n_bytes, bound
 
 
 def corpus_identity(cfg: CorpusConfig) -> str:
@@ -224,6 +254,61 @@ def check_source(cfg: CorpusConfig) -> None:
     # A look at the first document: encoding, the text field and emptiness fail here, before anything runs.
     if next((d for d in _documents(cfg) if d.strip()), None) is None:
         raise UserInputError("corpus.source", f"{path} holds no text", "point corpus.source at a non-empty corpus")
+
+
+DOC_TOKEN_SLACK = 2  # tokens a document may add to the stream beyond its UTF-8 bytes: a dummy prefix, its EOS
+
+
+def _byte_counts(cfg: CorpusConfig) -> Iterator[int]:
+    """UTF-8 bytes of the corpus's documents in stream order, or of whole .txt / .jsonl files (their size, read
+    from the file system: a .txt file is one document, and a JSON line holds its text's bytes, or more when
+    escaped, plus at least 8 bytes of syntax, which covers the slack)."""
+    if cfg.source == BUILTIN or _is_saved_dataset(Path(cfg.source).expanduser()):
+        for doc in _documents(cfg):
+            if doc:
+                yield len(doc.encode("utf-8"))
+        return
+    for f in _files(Path(cfg.source).expanduser()):
+        if f.suffix in (".txt", ".jsonl"):
+            yield f.stat().st_size
+        else:
+            for doc in _file_documents(f, cfg.text_field):
+                yield len(doc.encode("utf-8"))
+
+
+def check_size(cfg: CorpusConfig) -> None:
+    """Refuse a `corpus.n_tokens` the corpus cannot hold, before anything runs and without a tokenizer.
+
+    The contexts need ceil(n_tokens / context_length) x (context_length - 1) tokens of the document stream
+    (documents joined by EOS). No tokenizer this project loads makes more tokens of a text than its UTF-8 bytes
+    (byte-level BPE: every token is at least one byte; SentencePiece with byte fallback: at least one character
+    or one byte), plus a dummy-prefix token, and the stream adds one EOS per document: so a document's UTF-8
+    bytes + DOC_TOKEN_SLACK bound what it adds. The bound of .txt and .jsonl files is their size (nothing is
+    read); Parquet, save_to_disk and the built-in corpus are read document by document only until the bound
+    covers the need (about n_tokens bytes; the whole corpus only when it is too small). The built-in corpus
+    (about 9.3M bytes of text, 2.3M SmolLM2 tokens) is first held to the ceiling its source files give without
+    parsing them (about 62M: a second, once per process), so an n_tokens beyond that is refused at once; one
+    between the text's bytes and that ceiling reads the whole corpus first (about a minute on two cores). A
+    corpus within the bound that tokenises to fewer tokens still fails, at tokenisation (tokenize_contexts),
+    with the exact count."""
+    need = -(-cfg.n_tokens // cfg.context_length) * (cfg.context_length - 1)
+    if cfg.source == BUILTIN and _python_docs_ceiling()[1] < need:  # far too many: refused without parsing
+        _refuse_size(cfg, *_python_docs_ceiling())
+    bound = n_bytes = 0
+    for size in _byte_counts(cfg):
+        n_bytes += size
+        bound += size + DOC_TOKEN_SLACK
+        if bound >= need:
+            return
+    _refuse_size(cfg, n_bytes, bound)
+
+
+def _refuse_size(cfg: CorpusConfig, n_bytes: int, bound: int) -> None:
+    most = bound // (cfg.context_length - 1) * cfg.context_length  # the largest n_tokens the bound allows
+    fix = (f"lower corpus.n_tokens to at most {most} (a bound: text has fewer tokens than bytes), or add text" if most
+           else "add text, or shorten the contexts")  # fmt: skip
+    raise UserInputError("corpus.n_tokens", f"{cfg.n_tokens} tokens asked but the corpus {cfg.source} holds at most "
+                         f"{most} (at most a token per byte of its {n_bytes} bytes)", fix)  # fmt: skip
 
 
 def iter_documents(cfg: CorpusConfig) -> Iterator[str]:

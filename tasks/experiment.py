@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from storage.errors import UserInputError
 from storage.hashing import config_hash
-from storage.store import Dataset, store_root
+from storage.store import Dataset, check_store, store_root
 from tasks.config import AblationRecipe, ExperimentRecipe, FeaturesRecipe, PatchingRecipe
 from tasks.orchestration import stage_task
 
@@ -55,10 +55,11 @@ def cell_recipe(recipe: ExperimentRecipe, cell: Cell) -> TaskRecipe:
 
 
 def check_recipe(recipe: ExperimentRecipe) -> None:
-    """Validate every task section before anything runs (its field names prefixed with the task)."""
+    """Validate the store, then every task section before anything runs (its field names prefixed with the task)."""
     from tasks.explain_outcomes import check_recipe as check_outcomes
     from tasks.features import check_recipe as check_features
 
+    check_store(recipe.home)
     for task in recipe.tasks:
         try:
             (check_features if task == "features" else check_outcomes)(recipe.task_recipe(task))

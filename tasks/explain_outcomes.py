@@ -29,14 +29,15 @@ import numpy as np
 
 from storage.errors import UserInputError
 from storage.hashing import config_hash
-from storage.store import Dataset, store_root
+from storage.store import Dataset, check_store, store_root
 from tasks import explainer as ex
 from tasks import models, outcomes
 from tasks.ablation import ablation_key
 from tasks.config import AblationRecipe, ExplainerConfig, PatchingRecipe, check_roles
+from tasks.facts import load_facts, load_questions
 from tasks.importers import check_import, import_act_patch, import_input_ablation
 from tasks.orchestration import progress_reporter, stage_task
-from tasks.patching import patching_key
+from tasks.patching import layer_chunks, make_pairs, patching_key
 from tasks.results import Metric, Prediction, record_run, recorded
 
 STAGE_VERSION = 3  # explainer checkpoints (2: Π_ℓ for every ground-truth layer; 3: they record their steps)
@@ -55,8 +56,24 @@ def ground_truth(recipe: OutcomeRecipe) -> Dataset:
     return Dataset(store_root(recipe.home), "ablation_gt", ablation_key(recipe))
 
 
+def check_ground_truth_source(recipe: PatchingRecipe | AblationRecipe) -> None:
+    """What the ground-truth stage reads, read now: the fact file (parsed, and paired) and the layer chunks of
+    patching, the question file of ablation."""
+    if isinstance(recipe, PatchingRecipe):
+        layer_chunks(models.load_config(recipe.target).num_hidden_layers, recipe.patching.n_chunks)
+        if not make_pairs(load_facts(recipe.patching.facts), recipe.patching):
+            raise UserInputError("patching.facts", "no relation offers 5 distinct objects in both splits",
+                                 "add facts: 5 or more objects per relation")  # fmt: skip
+    elif not load_questions(recipe.ablation.questions):
+        raise UserInputError("ablation.questions", f"{recipe.ablation.questions} holds no questions",
+                             "give a file with one question per line (or row)")  # fmt: skip
+
+
 def check_recipe(recipe: OutcomeRecipe) -> None:
-    """Validate before anything runs: the ground-truth source, every explainer's model, the role lists."""
+    """Validate before anything runs (nothing is written, no weights are loaded): the store, the ground-truth
+    source (the files to import, or the target and the fact or question file, unless the ground truth is
+    already built), every explainer's model, the role lists."""
+    check_store(recipe.home)
     cfg = recipe.patching if isinstance(recipe, PatchingRecipe) else recipe.ablation
     if check_import(cfg.import_train, cfg.import_test, task_name(recipe)):
         importer = import_act_patch if isinstance(recipe, PatchingRecipe) else import_input_ablation
@@ -67,6 +84,8 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
                 raise UserInputError(f"{task_name(recipe)}.{name}", err.problem, err.fix) from None
     else:
         models.resolve(recipe.target)
+        if not ground_truth(recipe).is_complete():
+            check_ground_truth_source(recipe)
     for role, explainer in recipe.explainers.items():
         try:
             models.resolve(explainer.model)

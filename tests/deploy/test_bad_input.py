@@ -20,9 +20,12 @@ import pytest
 
 import storage.catalog
 from deploy.cli import main
+from flows import FLOWS, VALIDATORS
+from flows.experiment import fan_out
 from storage.catalog import refresh_catalog
-from storage.errors import MAX_PART_CHARS
+from storage.errors import MAX_PART_CHARS, UserInputError
 from storage.store import Dataset
+from tasks.config import RECIPES
 
 TINY = ["--set", "model.name=tiny-llama", "--set", "model.autocast=none", "--set", "cache.layers=[1]"]
 TINY_FEATURES = ["--set", "target.name=tiny-llama", "--set", "cache.layers=[1]"]
@@ -89,6 +92,18 @@ def _files(tmp: Path) -> dict[str, str]:
     (tmp / "corrupt_store" / "catalog.duckdb").write_bytes(b"not a duckdb file " * 500)
     (tmp / "folder_store" / "catalog.duckdb").mkdir(parents=True)
     (tmp / "file_store").write_text("a file, not a store")
+    # corpora too small for the tokens asked, fact and question files a ground-truth stage cannot use
+    (tmp / "small.txt").write_text("A short corpus. " * 8)
+    pq.write_table(pa.table({"text": ["a few words"] * 5}), tmp / "small.parquet")
+    (tmp / "few_facts.jsonl").write_text("".join(json.dumps({"subject": s, "relation": "capital", "object": o}) + "\n"
+                                                 for s, o in [("France", "Paris"), ("Peru", "Lima")]))  # fmt: skip
+    (tmp / "bad_facts.jsonl").write_text(json.dumps({"subject": "France", "relation": "capital", "object": "Paris"})
+                                         + "\n{broken\n")  # fmt: skip
+    (tmp / "small_shards").mkdir()
+    (tmp / "small_shards" / "a.txt").write_text("first shard ")
+    (tmp / "small_shards" / "b.jsonl").write_text(json.dumps({"text": "second shard"}) + "\n")
+    (tmp / "bad_answer.jsonl").write_text(json.dumps({"question": "?", "choices": ["a", "b", "c", "d"], "answer": 9})
+                                          + "\n")  # fmt: skip
     return {k: str(tmp / v) for k, v in {
         "bad": "bad.yaml", "list": "list.yaml", "typo": "typo.yaml", "latin1": "latin1.txt", "empty": "empty.txt",
         "notext": "notext.jsonl", "csv": "corpus.csv", "noconfig": "noconfig", "truncated": "truncated-model",
@@ -102,7 +117,9 @@ def _files(tmp: Path) -> dict[str, str]:
         "null_text_jsonl": "null_text.jsonl", "int_text_parquet": "int_text.parquet",
         "null_text_parquet": "null_text.parquet", "fake_saved": "fake_saved", "fake_saved_dict": "fake_saved_dict",
         "shards": "shards", "corrupt_store": "corrupt_store", "folder_store": "folder_store",
-        "file_store": "file_store"}.items()}  # fmt: skip
+        "file_store": "file_store", "small_txt": "small.txt", "small_parquet": "small.parquet",
+        "few_facts": "few_facts.jsonl", "bad_facts": "bad_facts.jsonl", "bad_answer": "bad_answer.jsonl",
+        "small_shards": "small_shards"}.items()}  # fmt: skip
 
 
 # (id, argv given the input paths f and the store s, the start of the one stderr line)
@@ -229,6 +246,46 @@ CASES = [
     ("sql-timeout-negative", lambda f, s: ["sql", "select 1", "--timeout", "-1", "--home", s], "error: --timeout: '-1' is not a number of seconds >= 0"),
     ("sql-timeout-nan", lambda f, s: ["sql", "select 1", "--timeout", "nan", "--home", s], "error: --timeout: 'nan' is not a number of seconds >= 0"),
     ("sql-timeout-word", lambda f, s: ["sql", "select 1", "--timeout", "soon", "--home", s], "error: --timeout: 'soon' is not a number of seconds >= 0"),
+    # counts, sizes and seeds past a sane bound (a 400-digit batch size once loaded the model and wrote a cache)
+    ("batch-size-400-digits", lambda f, s: ["run", "cache-activations", *TINY, "--set", "cache.batch_size=" + "9" * 400, "--home", s], "error: recipe field 'cache.batch_size': input should be less than or equal to 65536; fix: give a valid value (got 9999"),
+    ("explainer-batch-size-huge", lambda f, s: ["run", "features", *TINY_FEATURES, "--set", "explainers.self.batch_size=1000000", "--home", s], "error: recipe field 'explainers.self.batch_size': input should be less than or equal to 65536"),
+    ("patching-batch-size-huge", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", "patching.batch_size=" + "1" * 40, "--home", s], "error: recipe field 'patching.batch_size': input should be less than or equal to 65536"),
+    ("sae-batch-tokens-huge", lambda f, s: ["run", "features", *TINY_FEATURES, "--set", "sae.batch_tokens=99999999999", "--home", s], "error: recipe field 'sae.batch_tokens': input should be less than or equal to 1048576"),
+    ("n-tokens-past-the-bound", lambda f, s: ["run", "calibrate", *TINY_CALIBRATE, "--set", "corpus.n_tokens=10000000000000", "--home", s], "error: recipe field 'corpus.n_tokens': input should be less than or equal to 1000000000000"),
+    ("seed-negative", lambda f, s: ["run", "cache-activations", *TINY, "--set", "cache.seed=-1", "--home", s], "error: recipe field 'cache.seed': input should be greater than or equal to 0"),
+    ("grid-seed-too-large", lambda f, s: ["run", "experiment", "--set", "grid.seeds=[0, 4294967296]", "--home", s], "error: recipe field 'grid.seeds.1': input should be less than or equal to 4294967295"),
+    # more tokens than the corpus holds
+    ("n-tokens-beyond-a-text-file", lambda f, s: ["run", "cache-activations", *TINY, "--set", f"corpus.source={f['small_txt']}", "--home", s], "error: corpus.n_tokens: 100000 tokens asked but the corpus {small_txt} holds at most 128 (at most a token per byte of its 128 bytes); fix: lower corpus.n_tokens to at most 128"),
+    ("n-tokens-beyond-a-parquet-file", lambda f, s: ["run", "features", *TINY_FEATURES, "--set", f"corpus.source={f['small_parquet']}", "--set", "corpus.n_tokens=5000", "--home", s], "error: corpus.n_tokens: 5000 tokens asked but the corpus {small_parquet} holds at most 0 (at most a token per byte of its 55 bytes); fix: add text, or shorten the contexts"),
+    ("n-tokens-beyond-a-folder", lambda f, s: ["run", "calibrate", *TINY_CALIBRATE, "--set", "cache.layers=[1]", "--set", f"corpus.source={f['small_shards']}", "--set", "corpus.context_length=8", "--home", s], "error: corpus.n_tokens: 100000 tokens asked but the corpus {small_shards} holds at most 40 (at most a token per byte of its 37 bytes)"),
+    ("n-tokens-beyond-the-builtin-corpus", lambda f, s: ["run", "cache-activations", *TINY, "--set", "corpus.n_tokens=1000000000000", "--home", s], "error: corpus.n_tokens: 1000000000000 tokens asked but the corpus builtin:python-docs holds at most "),
+    ("n-tokens-beyond-the-corpus-in-experiment", lambda f, s: ["run", "experiment", "--set", "target.name=tiny-llama", "--set", "tasks=[features]", "--set", "features.cache.layers=[1]", "--set", f"features.corpus.source={f['small_txt']}", "--home", s], "error: features.corpus.n_tokens: 100000 tokens asked but the corpus {small_txt} holds at most 128"),
+    # a store root no run can use, from --home or the recipe, refused before anything is created
+    ("run-home-is-a-file", lambda f, s: ["run", "cache-activations", *TINY, "--home", f["file_store"]], "error: store: {file_store} is a file, not a store folder; fix: point --home (or the recipe's home, or $SELFEXPLAIN_HOME) at a folder"),
+    ("run-home-is-a-file-patching", lambda f, s: ["run", "patching", *TINY_PATCHING, "--home", f["file_store"]], "error: store: {file_store} is a file, not a store folder"),
+    ("run-home-is-a-file-ablation", lambda f, s: ["run", "ablation", *TINY_PATCHING, "--set", f"home={f['file_store']}"], "error: store: {file_store} is a file, not a store folder"),
+    ("run-home-is-a-file-experiment", lambda f, s: ["run", "experiment", "--home", f["file_store"]], "error: store: {file_store} is a file, not a store folder"),
+    ("run-home-is-a-file-calibrate", lambda f, s: ["run", "calibrate", *TINY_CALIBRATE, "--home", f["file_store"]], "error: store: {file_store} is a file, not a store folder"),
+    ("run-home-under-a-file", lambda f, s: ["run", "features", *TINY_FEATURES, "--home", f["file_store"] + "/store"], "error: store: {file_store} is a file, so no store can be made at {file_store}/store"),
+    ("run-catalog-is-a-folder", lambda f, s: ["run", "cache-activations", *TINY, "--home", f["folder_store"]], "error: store: {folder_store}/catalog.duckdb is a folder, not a DuckDB catalog"),
+    # positions per context beyond a context, exemplars fewer than the minimum: fields that must agree
+    ("positions-beyond-a-context", lambda f, s: ["run", "cache-activations", *TINY, "--set", "corpus.context_length=16", "--set", "cache.positions_per_context=16", "--home", s], "error: recipe field 'cache.positions_per_context': 16 asked but a context of 16 tokens holds 15 storable positions (skip_first 1); fix: use at most 15, or null to store all"),
+    ("positions-beyond-a-context-features", lambda f, s: ["run", "features", *TINY_FEATURES, "--set", "cache.skip_first=100", "--set", "cache.positions_per_context=50", "--home", s], "error: recipe field 'cache.positions_per_context': 50 asked but a context of 128 tokens holds 28 storable positions (skip_first 100)"),
+    ("positions-beyond-a-context-experiment", lambda f, s: ["run", "experiment", "--set", "features.cache.positions_per_context=500", "--home", s], "error: recipe field 'features.cache.positions_per_context': 500 asked but a context of 128 tokens holds 127"),
+    ("skip-first-skips-all", lambda f, s: ["run", "calibrate", "--set", "corpus.context_length=32", "--set", "cache.skip_first=32", "--home", s], "error: recipe field 'cache.skip_first': 32 skips all 32 positions of a context; fix: lower it below corpus.context_length"),
+    ("exemplars-fewer-than-min", lambda f, s: ["run", "features", *TINY_FEATURES, "--set", "sae.n_exemplars=5", "--home", s], "error: recipe field 'sae.n_exemplars': 5 is fewer than min_exemplars (10), so no feature would be kept; fix: keep at least 10 exemplars, or lower min_exemplars"),
+    ("exemplars-fewer-than-min-experiment", lambda f, s: ["run", "experiment", "--set", "features.sae.min_exemplars=50", "--home", s], "error: recipe field 'features.sae.n_exemplars': 20 is fewer than min_exemplars (50)"),
+    # fact and question files, read before the target is loaded
+    ("facts-missing", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", "patching.facts=/no/facts.jsonl", "--home", s], "error: patching.facts: /no/facts.jsonl does not exist; fix: point it at a facts .jsonl"),
+    ("facts-counterfact-missing", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", "patching.facts=/no/counterfact.json", "--home", s], "error: patching.facts: /no/counterfact.json does not exist"),
+    ("facts-folder", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", f"patching.facts={f['saes']}", "--home", s], "error: patching.facts: {saes} is a folder, not a file"),
+    ("facts-not-json", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", f"patching.facts={f['bad_facts']}", "--home", s], "error: patching.facts: {bad_facts}:2 is not JSON; fix: fix that line"),
+    ("facts-too-few-to-pair", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", f"patching.facts={f['few_facts']}", "--home", s], "error: patching.facts: no relation offers 5 distinct objects in both splits"),
+    ("facts-missing-in-experiment", lambda f, s: ["run", "experiment", "--set", "target.name=tiny-llama", "--set", "tasks=[patching]", "--set", "patching.patching.facts=/no/f.jsonl", "--home", s], "error: patching.patching.facts: /no/f.jsonl does not exist"),
+    ("chunks-beyond-the-layers", lambda f, s: ["run", "patching", *TINY_PATCHING, "--set", "patching.n_chunks=9", "--home", s], "error: patching.n_chunks: 9 chunks for 4 layers; fix: use 1..4"),
+    ("questions-missing", lambda f, s: ["run", "ablation", *TINY_PATCHING, "--set", "ablation.questions=/no/q.jsonl", "--home", s], "error: ablation.questions: /no/q.jsonl does not exist; fix: point it at an MMLU-format .jsonl or .parquet file"),
+    ("questions-bad-answer", lambda f, s: ["run", "ablation", *TINY_PATCHING, "--set", f"ablation.questions={f['bad_answer']}", "--home", s], "error: ablation.questions: {bad_answer}:1: answer 9 is not 0, 1, 2 or 3"),
+    ("questions-not-parquet", lambda f, s: ["run", "ablation", *TINY_PATCHING, "--set", f"ablation.questions={f['fake_parquet']}", "--home", s], "error: ablation.questions: {fake_parquet} is not a Parquet file"),
 ]  # fmt: skip
 
 
@@ -338,3 +395,19 @@ def test_an_uncached_hub_id_fails_at_once_without_the_network(tmp_path, capsys, 
     assert err.startswith(f"error: model.name: '{name}' is not a registry name, a local folder, or a hub id in the "
                           "local HF cache; fix: ")  # fmt: skip
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("flow", sorted(FLOWS))
+def test_every_flow_runs_its_recipe_check_first_and_is_never_retried(tmp_path, flow):
+    # a run started from a deployment (the UI, the API, a schedule) skips the CLI: the flow's own first step is
+    # the check the CLI runs, so bad input fails that run the same way, before anything is written
+    (tmp_path / "afile").write_text("not a store")
+    recipe = RECIPES[flow]().model_copy(update={"home": str(tmp_path / "afile")})
+    with pytest.raises(UserInputError) as by_the_cli:
+        VALIDATORS[flow](recipe)
+    with pytest.raises(UserInputError) as by_the_flow:
+        FLOWS[flow].fn(recipe)  # the flow's body, without Prefect
+    assert str(by_the_flow.value) == str(by_the_cli.value)
+    assert str(by_the_flow.value).startswith(f"store: {tmp_path}/afile is a file, not a store folder; fix: ")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+    assert FLOWS[flow].retries == 0 and fan_out.retries == 0  # bad input fails once, whatever the Prefect default

@@ -16,8 +16,11 @@ import httpx
 import pytest
 import yaml
 
+from flows import VALIDATORS
 from storage.catalog import connect_read_only
-from tests.flows.test_outcomes import tiny_ablation_recipe
+from storage.errors import UserInputError
+from tasks.config import RECIPES
+from tests.flows.test_outcomes import tiny_ablation_recipe, tiny_patching_recipe
 
 SERVER_START_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 600
@@ -87,7 +90,13 @@ def _deployments(api: str) -> dict[str, dict]:
 def _trigger(api: str, deployment: str, parameters: dict) -> httpx.Response:
     """What the UI's 'Run' form does: POST the form's parameters to create a run of the deployment."""
     dep = _deployments(api)[deployment]
-    return httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters}, timeout=30)
+    for _ in range(5):  # 503: a retryable server error (SQLite busy on a loaded machine), as Prefect's client retries
+        created = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters},
+                             timeout=30)  # fmt: skip
+        if created.status_code != 503:
+            break
+        time.sleep(2)
+    return created
 
 
 def _state(api: str, run_id: str) -> str:
@@ -98,6 +107,51 @@ def tiny_experiment_parameters(store: Path) -> dict:
     ablation = tiny_ablation_recipe(store).model_dump(mode="json")
     return {"recipe": {"home": str(store), "target": ablation["target"], "tasks": ["ablation"],
                        "grid": {"n_train": [4, 8], "seeds": [0]}, "ablation": ablation}}  # fmt: skip
+
+
+def _bad_recipes(root: Path) -> dict[str, tuple[str, dict, str]]:
+    """{name: (deployment, parameters, start of the one-line error)}: recipes the server's parameter schema
+    takes, refused only by the flow's own recipe check (before it, each failed mid-run, e.g. with a KeyError)."""
+    patching = tiny_patching_recipe(root / "patching").model_dump(mode="json")
+    patching["eval"]["ablation_roles"] = ["ghost"]
+    ablation = tiny_ablation_recipe(root / "ablation").model_dump(mode="json")
+    ablation["ablation"]["questions"] = str(root / "no-questions.jsonl")
+    experiment = tiny_experiment_parameters(root / "experiment")["recipe"]
+    experiment["tasks"] = ["patching"]
+    experiment["patching"] = tiny_patching_recipe(root / "experiment").model_dump(mode="json")
+    experiment["patching"]["patching"]["facts"] = str(root / "no-facts.jsonl")
+    return {
+        "patching": ("patching", {"recipe": patching}, "eval.ablation_roles: ['ghost'] are not explainer roles; fix: "),
+        "ablation": ("ablation", {"recipe": ablation}, f"ablation.questions: {root}/no-questions.jsonl does not exist"),
+        "experiment": ("experiment", {"recipe": experiment},
+                       f"patching.patching.facts: {root}/no-facts.jsonl does not exist; fix: "),
+    }  # fmt: skip
+
+
+def test_a_bad_recipe_run_from_a_deployment_fails_at_once_in_one_line_and_writes_nothing(served):
+    api, _, store, _ = served
+    root = store.parent / "bad-recipes"
+    bad = _bad_recipes(root)
+    runs = {}
+    for name, (deployment, parameters, _) in bad.items():
+        created = _trigger(api, deployment, parameters)
+        assert created.status_code == 201, created.text  # the schema takes it: only the flow's check can refuse it
+        runs[name] = created.json()["id"]
+    for name, run_id in runs.items():
+        deployment, parameters, start = bad[name]
+        _wait(lambda i=run_id: _state(api, i) in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), RUN_TIMEOUT_S,
+              f"the {name} run did not finish")  # fmt: skip
+        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
+        # the same line the CLI prints, as the run's state message; not retried; no task ran (no model loaded)
+        with pytest.raises(UserInputError) as cli:
+            VALIDATORS[deployment](RECIPES[deployment].model_validate(parameters["recipe"]))
+        assert str(cli.value).startswith(start), str(cli.value)
+        message = run["state"]["message"]
+        assert run["state"]["type"] == "FAILED" and message.endswith(f"UserInputError: {cli.value}"), message
+        assert "\n" not in message and run["run_count"] == 1
+        tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}, timeout=10)
+        assert tasks.json() == []
+    assert not root.exists()  # no store, no lock, no Prefect result under it
 
 
 def test_deployments_forms_schedule_and_parameter_validation(served):

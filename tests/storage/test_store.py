@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from storage.errors import UserInputError
 from storage.hashing import config_hash, file_sha256
-from storage.store import Dataset, complete_datasets, store_id, store_root
+from storage.store import Dataset, check_store, complete_datasets, store_id, store_root
 
 
 def _table(n: int = 10, d: int = 4) -> pa.Table:
@@ -159,3 +160,29 @@ def test_create_sweeps_temp_files_of_a_killed_writer(home):
     (ds.manifest_dir / ".part-00003.json.tmp-999999").write_text("{")
     ds.create({})
     assert not list(ds.path.rglob(".*tmp*"))
+
+
+@pytest.mark.parametrize(
+    "home, message",
+    [
+        ("afile", "store: {tmp}/afile is a file, not a store folder; fix: point --home"),
+        ("afile/store", "store: {tmp}/afile is a file, so no store can be made at {tmp}/afile/store; fix: "),
+        ("afile/a/b", "store: {tmp}/afile is a file, so no store can be made at {tmp}/afile/a/b"),
+        ("catalog_dir", "store: {tmp}/catalog_dir/catalog.duckdb is a folder, not a DuckDB catalog; fix: move it"),
+    ],
+)
+def test_check_store_refuses_a_root_no_run_can_use_and_writes_nothing(tmp_path, home, message):
+    (tmp_path / "afile").write_text("not a store")
+    (tmp_path / "catalog_dir" / "catalog.duckdb").mkdir(parents=True)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(UserInputError) as err:
+        check_store(tmp_path / home)
+    assert str(err.value).startswith(message.format(tmp=tmp_path)), str(err.value)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("home", ["new", "new/deeper", "existing"])
+def test_check_store_takes_a_folder_or_a_path_to_make_and_creates_nothing(tmp_path, home):
+    (tmp_path / "existing").mkdir()
+    assert check_store(tmp_path / home) == tmp_path / home
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]

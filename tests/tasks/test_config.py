@@ -1,6 +1,10 @@
+import types
 from pathlib import Path
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import pytest
+from annotated_types import Le, Lt
+from pydantic import BaseModel
 
 from storage.errors import UserInputError
 from tasks.config import (
@@ -177,3 +181,104 @@ def test_recipe_files_are_utf8_files(tmp_path, name, text, message):
     with pytest.raises(UserInputError) as err:
         load_recipe(CacheRecipe, path)
     assert str(err.value).startswith("--config: ") and message in str(err.value), str(err.value)
+
+
+def _int_fields(model: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted name, metadata) of every int field of `model` and the configs it holds (dict values, lists)."""
+    out = []
+    for name, field in model.model_fields.items():
+        stack = [(field.annotation, list(field.metadata))]
+        while stack:
+            ann, meta = stack.pop()
+            origin = get_origin(ann)
+            if origin is Annotated:
+                stack.append((get_args(ann)[0], [m for fi in get_args(ann)[1:] for m in getattr(fi, "metadata", [fi])]))
+            elif origin in (list, dict, Union, types.UnionType):
+                stack += [(a, meta) for a in get_args(ann)]
+            elif isinstance(ann, type) and issubclass(ann, BaseModel):
+                out += _int_fields(ann, f"{prefix}{name}.")
+            elif ann is int:
+                out.append((prefix + name, meta))
+    return out
+
+
+def test_every_int_field_has_an_upper_bound():
+    # a count, size or seed without one reaches a loader, an allocation or a seeded generator unchecked
+    fields = {name: meta for recipe in RECIPES.values() for name, meta in _int_fields(recipe)}
+    assert len(fields) > 60
+    unbounded = sorted(name for name, meta in fields.items() if not any(isinstance(m, Le | Lt) for m in meta))
+    assert unbounded == []
+
+
+@pytest.mark.parametrize(
+    "kind, overrides, message",
+    [
+        (CacheRecipe, ["cache.batch_size=" + "9" * 400], "recipe field 'cache.batch_size': input should be less than "
+                                                         "or equal to 65536; fix: give a valid value (got 9999"),
+        (CacheRecipe, ["cache.contexts_per_shard=100000"], "recipe field 'cache.contexts_per_shard': input should be "
+                                                           "less than or equal to 65536"),
+        (CacheRecipe, ["corpus.n_tokens=1e13"], "recipe field 'corpus.n_tokens': input should be a valid integer"),
+        (CacheRecipe, ["corpus.n_tokens=10000000000001"], "recipe field 'corpus.n_tokens': input should be less than "
+                                                          "or equal to 1000000000000"),
+        (FeaturesRecipe, ["explainers.self.batch_size=65537"], "recipe field 'explainers.self.batch_size': input "
+                                                               "should be less than or equal to 65536"),
+        (FeaturesRecipe, ["sae.batch_tokens=" + "1" * 30], "recipe field 'sae.batch_tokens': input should be less "
+                                                           "than or equal to 1048576"),
+        (PatchingRecipe, ["patching.batch_size=1000000"], "recipe field 'patching.batch_size': input should be less"),
+        (AblationRecipe, ["explainers.other.eval_batch_size=99999999"], "recipe field 'explainers.other.eval_batch_"
+                                                                        "size': input should be less than or equal"),
+        (ExperimentRecipe, ["grid.n_train=[8, 10000000000]"], "recipe field 'grid.n_train.1': input should be less "
+                                                              "than or equal to 1000000000"),
+        (ExperimentRecipe, ["grid.seeds=[-1]"], "recipe field 'grid.seeds.0': input should be greater than or equal "
+                                                "to 0"),
+        (CacheRecipe, ["cache.seed=4294967296"], "recipe field 'cache.seed': input should be less than or equal to "
+                                                 "4294967295"),
+        (CalibrateRecipe, ["calibration.n_train=" + "7" * 50], "recipe field 'calibration.n_train': input should be "
+                                                               "less than or equal to 1000000000"),
+    ],
+)  # fmt: skip
+def test_counts_sizes_and_seeds_are_bounded(kind, overrides, message):
+    with pytest.raises(UserInputError) as err:
+        load_recipe(kind, overrides=overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_the_bounds_are_generous():
+    r = load_recipe(FeaturesRecipe, overrides=["cache.batch_size=65536", "corpus.n_tokens=1000000000000",
+                                               "explainers.self.batch_size=65536", "sae.seed=4294967295"])  # fmt: skip
+    assert (r.cache.batch_size, r.corpus.n_tokens, r.sae.seed) == (65536, 10**12, 2**32 - 1)
+
+
+@pytest.mark.parametrize(
+    "kind, overrides, message",
+    [
+        (CacheRecipe, ["cache.positions_per_context=128"], "recipe field 'cache.positions_per_context': 128 asked but "
+                      "a context of 128 tokens holds 127 storable positions (skip_first 1); fix: use at most 127"),
+        (CacheRecipe, ["corpus.context_length=16", "cache.skip_first=4", "cache.positions_per_context=13"],
+         "recipe field 'cache.positions_per_context': 13 asked but a context of 16 tokens holds 12"),
+        (FeaturesRecipe, ["cache.positions_per_context=1000"], "recipe field 'cache.positions_per_context': 1000 "
+                                                               "asked"),
+        (CalibrateRecipe, ["corpus.context_length=8", "cache.positions_per_context=8"], "recipe field 'cache."
+                                                                                        "positions_per_context': 8"),
+        (ExperimentRecipe, ["features.corpus.context_length=32", "features.cache.positions_per_context=40"],
+         "recipe field 'features.cache.positions_per_context': 40 asked but a context of 32 tokens holds 31"),
+        (CacheRecipe, ["cache.skip_first=128"], "recipe field 'cache.skip_first': 128 skips all 128 positions of a "
+                                                "context; fix: lower it below corpus.context_length"),
+        (FeaturesRecipe, ["sae.n_exemplars=5"], "recipe field 'sae.n_exemplars': 5 is fewer than min_exemplars (10), "
+                                                "so no feature would be kept; fix: keep at least 10 exemplars"),
+        (FeaturesRecipe, ["sae.min_exemplars=30"], "recipe field 'sae.n_exemplars': 20 is fewer than min_exemplars "
+                                                   "(30)"),
+        (ExperimentRecipe, ["features.sae.n_exemplars=2", "features.sae.min_exemplars=3"],
+         "recipe field 'features.sae.n_exemplars': 2 is fewer than min_exemplars (3)"),
+    ],
+)  # fmt: skip
+def test_fields_that_must_agree_are_checked_together(kind, overrides, message):
+    with pytest.raises(UserInputError) as err:
+        load_recipe(kind, overrides=overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_fields_that_agree_pass():
+    r = load_recipe(CacheRecipe, overrides=["corpus.context_length=16", "cache.positions_per_context=15"])
+    assert r.cache.positions_per_context == 15
+    assert load_recipe(FeaturesRecipe, overrides=["sae.n_exemplars=10"]).sae.n_exemplars == 10

@@ -111,3 +111,72 @@ def test_builtin_corpus_holds_a_million_smollm2_tokens():
     assert ids.size >= 1_000_000
     text = tok.decode(ids[500, 1:200])
     assert sum(c.isalpha() for c in text) > 0.5 * len(text)  # prose, not binary junk
+
+
+def _corpus_files(tmp_path) -> dict[str, str]:
+    """Small corpora by name: plain and multi-byte text, JSON lines (one empty), Parquet, a folder of shards."""
+    (tmp_path / "prose.txt").write_text("Hello world. " * 10)  # 130 bytes, one document
+    (tmp_path / "accents.txt").write_text("café crème brûlée — ☕ " * 5)  # multi-byte characters
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n"
+                                                 for i, t in enumerate(["alpha beta", "", "gamma\tdelta " * 4])))  # fmt: skip
+    (tmp_path / "docs.parquet").write_bytes(_parquet_bytes(["one two three", "", "four five six seven"] * 3))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.txt").write_text("first shard ")
+    (tmp_path / "shards" / "b.jsonl").write_text(json.dumps({"text": "second shard"}) + "\n")
+    return {p.name: str(p) for p in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize("name", ["prose.txt", "accents.txt", "docs.jsonl", "docs.parquet", "shards"])
+@pytest.mark.parametrize("context_length", [8, 33])
+def test_check_size_refuses_only_what_the_corpus_cannot_hold(tokenizer, tmp_path, name, context_length):
+    source = _corpus_files(tmp_path)[name]
+    with pytest.raises(UserInputError) as err:
+        corpus.check_size(CorpusConfig(source=source, n_tokens=10**9, context_length=context_length))
+    message = str(err.value)
+    assert message.startswith(f"corpus.n_tokens: 1000000000 tokens asked but the corpus {source} holds at most "), (
+        message
+    )
+    most = int(message.split("holds at most ")[1].split()[0])
+    assert "; fix: lower corpus.n_tokens to at most " in message
+    # the largest n_tokens the bound lets through passes it; one context more is refused by the bound and by
+    # tokenisation alike: the bound never turns away a corpus that holds the tokens
+    if most:
+        corpus.check_size(CorpusConfig(source=source, n_tokens=most, context_length=context_length))
+    beyond = CorpusConfig(source=source, n_tokens=most + context_length, context_length=context_length)
+    with pytest.raises(UserInputError, match="corpus.n_tokens: .* holds (only|at most)"):
+        corpus.check_size(beyond)
+    with pytest.raises(UserInputError, match="corpus.n_tokens: .* holds only"):
+        corpus.tokenize_contexts(tokenizer, beyond)
+
+
+def test_check_size_reads_a_large_corpus_only_as_far_as_it_needs(tmp_path, monkeypatch):
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": ["some words of text " * 10] * 5000}), path, row_group_size=100)
+    read = []
+    real = corpus._file_documents
+
+    def counting(f, text_field):
+        for doc in real(f, text_field):
+            read.append(doc)
+            yield doc
+
+    monkeypatch.setattr(corpus, "_file_documents", counting)
+    corpus.check_size(CorpusConfig(source=str(path), n_tokens=2000, context_length=32))
+    assert 0 < len(read) < 20  # 190 bytes a document: about 11 cover 2000 tokens, of 5000
+
+
+@pytest.mark.parametrize(
+    "n_tokens, context_length, message",
+    [
+        (10**12, 128, "corpus.n_tokens: 1000000000000 tokens asked but the corpus builtin:python-docs holds at most "),
+        (10**9, 2, "corpus.n_tokens: 1000000000 tokens asked but the corpus builtin:python-docs holds at most "),
+    ],
+)
+def test_check_size_refuses_a_builtin_corpus_far_too_small_without_parsing_it(monkeypatch, n_tokens, context_length,
+                                                                              message):  # fmt: skip
+    corpus._python_docs_ceiling()  # once per process (about a second)
+    monkeypatch.setattr(corpus, "_docstrings", lambda *a: pytest.fail("parsed the standard library"))
+    with pytest.raises(UserInputError) as err:
+        corpus.check_size(CorpusConfig(n_tokens=n_tokens, context_length=context_length))
+    assert str(err.value).startswith(message), str(err.value)
+    corpus.check_size(CorpusConfig(n_tokens=100_000))  # the pydoc topics alone hold that many bytes

@@ -6,7 +6,7 @@ from tasks.experiment import Cell, cell_recipe, check_recipe, expand
 
 
 def test_grid_expands_task_by_seed_by_size_with_flat_baselines_once_per_task():
-    recipe = ExperimentRecipe(grid={"n_train": [256, 32, 64, 64], "seeds": [0, 7]}, tasks=["features", "ablation"])
+    recipe = ExperimentRecipe(grid={"n_train": [256, 32, 64], "seeds": [0, 7]}, tasks=["features", "ablation"])
     cells = expand(recipe)
     assert len(cells) == 2 * 2 * 3  # tasks x seeds x distinct sizes
     assert cells[:3] == [Cell("features", 32, 0, False, False), Cell("features", 64, 0, False, False),
