@@ -40,16 +40,18 @@ DEMO_SUMMARY := select c.task, m.method, nullif(m.explainer_model, '') as explai
   m.metric, round(100 * m.value, 1) as value_x100, round(100 * m.se, 1) as se_x100 \
   from metrics m join experiment_cells c using (run_id) \
   where m.split = 'test' and m.metric in ('simulator_corr', 'exact_match') \
-  and m.method in ('trained', 'nearest_neighbor', 'selfie', 'zero_shot', 'majority', 'position_bias') \
+  and m.method in ('trained', 'nearest_neighbor', 'selfie', 'zero_shot', 'majority', 'position_bias', 'correct_answer') \
   order by c.task, m.method, explainer, m.n_train
 
 # Which orderings held: each trained explainer minus its own v = 0, shuffled-v and rotated-basis controls, the
-# nearest-neighbour baseline and the other trained explainer, per item on the same test items (paired SE).
+# nearest-neighbour, majority, position-bias and correct-answer baselines and the other trained explainer, per
+# item on the same test items (paired SE).
 DEMO_ORDERINGS := select c.task, c.n_train, p.explainer_model as explainer, p.rival_method as versus, \
   p.rival_model, p.n, round(100 * p.gain, 1) as gain_x100, round(100 * p.se, 1) as se_x100, \
   case when p.gain > 2 * p.se then 'holds' when p.gain < -2 * p.se then 'reversed' else 'not shown' end as ordering \
   from paired_gains p join experiment_cells c using (run_id) \
-  where p.split = 'test' and (p.rival_method = 'nearest_neighbor' or (p.rival_method = 'trained') \
+  where p.split = 'test' and (p.rival_method in ('nearest_neighbor', 'majority', 'position_bias', 'correct_answer') \
+  or p.rival_method = 'trained' \
   or (p.rival_method in ('zero_vector', 'shuffled_vector', 'rotated_basis') and p.rival_model = p.explainer_model)) \
   order by c.task, c.n_train, explainer, versus
 

@@ -336,6 +336,9 @@ class PatchingConfig(StrictModel):
     import_test: str | None = Field(None, description="The public act_patch test split to import with import_train.")
 
 
+AnswerFormat = Literal["letter", "calibrated_letter", "option_text"]
+
+
 class AblationConfig(StrictModel):
     """Input-ablation ground truth (task C): does removing a hint change the answer?"""
 
@@ -344,6 +347,13 @@ class AblationConfig(StrictModel):
     )
     n_questions: int | None = Field(
         None, gt=0, le=MAX_ITEMS, description="Use at most this many questions; null uses all."
+    )
+    answer_format: AnswerFormat = Field(
+        "calibrated_letter",
+        description="How the target's answer is read: 'letter' (argmax over the four letter tokens after "
+        "'Answer:', the paper's; SmolLM2-135M says C to 99.5% of questions), 'calibrated_letter' (the same minus "
+        "the target's letter prior, estimated on the train questions without a hint) or 'option_text' (the "
+        "option whose text is likeliest after 'Answer:'); measured in bench/ablation_formats.py.",
     )
     hint: str = Field("Hint: The answer is {letter}", description="Hint wording; {letter} is drawn from A-D.")
     hints_per_question: int = Field(

@@ -16,6 +16,7 @@ Evaluate on the test split (a seeded `n_test` sample), every method on the same 
   zero_shot      the explainer's untrained model with the paper's baseline prompt (App. H.2 / H.3)
   majority       the most frequent target sentence of the train rows
   position_bias  ablation: the majority flag plus the target's most frequent no-hint letter in train
+  correct_answer ablation: the majority flag plus the question's correct letter (a hint-blind model that knows)
 Metrics (tasks.outcomes.score): exact_match, has_changed_f1, content_match with SEs, parse_rate,
 strict_exact_match (whole-string, to compare with the paper's untrained rows), and exact_match per gold class.
 """
@@ -198,14 +199,17 @@ def evaluation_run_id(recipe: OutcomeRecipe) -> str:
     )  # fmt: skip
 
 
-def baselines(task: str, train: list[dict[str, Any]], n: int) -> dict[str, list[str]]:
-    """Answers that ignore the question: the most frequent train target, and (ablation) the position bias."""
+def baselines(task: str, train: list[dict[str, Any]], test: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Answers that ignore what the explainer is asked about: the most frequent train target; for ablation the
+    position bias (the majority flag and the target's most frequent no-hint letter) and the question's correct
+    answer with the majority flag (what a model that ignores the hint and knows the answer would say)."""
     golds = [outcomes.gold(task, r) for r in train]
-    out = {"majority": [outcomes.target(*Counter(golds).most_common(1)[0][0])] * n}
+    out = {"majority": [outcomes.target(*Counter(golds).most_common(1)[0][0])] * len(test)}
     if task == "ablation":
         flag = Counter(g[0] for g in golds).most_common(1)[0][0]
         letter = Counter(r["zeroshot_prediction"] for r in train).most_common(1)[0][0]
-        out["position_bias"] = [outcomes.target(flag, f"Answer: {letter}")] * n
+        out["position_bias"] = [outcomes.target(flag, f"Answer: {letter}")] * len(test)
+        out["correct_answer"] = [outcomes.target(flag, f"Answer: {r['correct_answer']}") for r in test]
     return out
 
 
@@ -229,7 +233,7 @@ def evaluate(
     outputs: dict[tuple[str, str], list[str]] = {}  # (method, explainer model) -> one output per test row
     steps: list[Metric] = []  # the optimizer steps of every trained explainer, reported with its results
     n_used: dict[tuple[str, str], int] = {}
-    for method, texts in baselines(task, train, len(test)).items():
+    for method, texts in baselines(task, train, test).items():
         outputs[(method, "")] = texts
         n_used[(method, "")] = len(train)
     for name, path in checkpoints.items():

@@ -122,6 +122,7 @@ def series_name(method: str, model: str, target: str) -> str:
         "gold": "gold labels",
         "majority": "majority answer",
         "position_bias": "position bias",
+        "correct_answer": "correct answer, hint ignored",
     }.get(method, f"{method} ({model})")
 
 

@@ -48,7 +48,7 @@ PATCHING_METHODS = {("trained", "tiny-llama"), ("trained", "tiny-gemma3"), ("zer
                     ("no_activation", "tiny-llama"), ("rotated_basis", "tiny-llama"), ("zero_shot", "tiny-llama"),
                     ("zero_shot", "tiny-gemma3"), ("majority", "")}  # fmt: skip
 ABLATION_METHODS = {("trained", "tiny-llama"), ("trained", "tiny-gemma3"), ("zero_shot", "tiny-llama"),
-                    ("zero_shot", "tiny-gemma3"), ("majority", ""), ("position_bias", "")}  # fmt: skip
+                    ("zero_shot", "tiny-gemma3"), ("majority", ""), ("position_bias", ""), ("correct_answer", "")}  # fmt: skip
 
 
 @pytest.mark.parametrize(
