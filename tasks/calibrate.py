@@ -33,7 +33,7 @@ from tasks.activations import CachePlan, activations_dataset, plan_cache
 from tasks.config import CalibrateRecipe, ExplainerConfig
 from tasks.corpus import ContextTexts
 from tasks.orchestration import progress_reporter, stage_task
-from tasks.projection import fit_projection
+from tasks.projection import LayerStats, fit_projection, residual_stats
 from tasks.results import Metric, Prediction, record_run, recorded
 from tasks.sae import layer_activations
 from tasks.simulate import mean_se
@@ -66,8 +66,11 @@ def check_recipe(recipe: CalibrateRecipe) -> CachePlan:
         models.resolve(recipe.explainer.model)
     except UserInputError as err:
         raise UserInputError("explainer.model.name", err.problem, err.fix) from None
+    d_target = models.load_config(recipe.target).hidden_size
     for injection in recipe.calibration.injections:
-        ex.check_injection(explainer_config(recipe, injection), recipe.cache.layers, plan.n_layers, "explainer")
+        ex.check_injection(
+            explainer_config(recipe, injection), recipe.cache.layers, plan.n_layers, d_target, "explainer"
+        )
     return plan
 
 
@@ -169,6 +172,7 @@ def train_explainer(recipe: CalibrateRecipe, plan: CachePlan, injection: str, pr
         lambda e: queries(train, [it.vector for it in train], e.chat, with_answers=True),
         {"role": f"calibration/{injection}", "activations": plan.activations_key}, progress,
         fit=lambda e: fit_on_train_types(recipe, plan, e, test),
+        stats=lambda: layer_stats(recipe, plan),
     )  # fmt: skip
     return {"path": str(out.path), **summary}
 
@@ -185,6 +189,12 @@ def fit_on_train_types(recipe: CalibrateRecipe, plan: CachePlan, explainer: ex.E
                if text in tested}  # fmt: skip
     texts = ContextTexts(Path(plan.home), plan.tokens_key)
     return fit_projection(explainer, layers, texts, cfg.fit_ridge, cfg.fit_rows, True, cfg.seed, sorted(exclude))
+
+
+def layer_stats(recipe: CalibrateRecipe, plan: CachePlan) -> LayerStats:
+    """vector_norm 'layer_mean': μ_ℓ, σ_ℓ of every cached layer; the inputs are residuals, centred by μ_ℓ."""
+    layers = {layer: layer_activations(activations_dataset(plan), layer) for layer in recipe.cache.layers}
+    return residual_stats(layers, residual_inputs=True)
 
 
 def run_id(recipe: CalibrateRecipe, plan: CachePlan, injection: str) -> str:
@@ -218,6 +228,8 @@ def evaluate(
     untrained = ex.Explainer(models.load(cfg.model), target.hidden_size, target.num_hidden_layers, cfg)
     if untrained.fitted:  # zero-shot through the fitted Π: does the map alone make v readable?
         untrained.set_fitted_projection(fit_on_train_types(recipe, plan, untrained, test))
+    if untrained.on_manifold:
+        untrained.set_layer_stats(layer_stats(recipe, plan))
     decoded["zero_shot"] = untrained.generate(queries(test, vectors["trained"], untrained.chat, False),
                                               cfg.max_new_tokens, cfg.eval_batch_size)  # fmt: skip
     del untrained

@@ -255,14 +255,22 @@ class ExplainerConfig(StrictModel):
     inject_layer: int = Field(
         1, ge=0, le=MAX_LAYERS, description="early_add only: the explainer block after which u is added."
     )
-    inject_scale: float = Field(1.0, gt=0, description="early_add only: the added vector's norm relative to |h|.")
-    vector_norm: Literal["match", "raw"] = Field(
+    inject_scale: float = Field(
+        1.0,
+        gt=0,
+        description="early_add: the added vector's norm relative to |h|; vector_norm 'layer_mean': the norm of "
+        "the vector's part in units of σ_ℓ, the median |h − μ_ℓ| of the target's layer-ℓ residuals.",
+    )
+    vector_norm: Literal["match", "raw", "layer_mean"] = Field(
         "match",
         description="'match': rescale u to the norm the explainer carries where it enters (the mean token-"
         "embedding norm under 'embedding', the median residual norm of the prompt at that block under "
         "'residual'), so vectors of any source (unit SAE directions, raw activations) arrive at its scale; "
-        "'raw': inject as given (a target residual written raw under 'residual' is the target's own state). "
-        "'early_add' always matches |h|.",
+        "'raw': inject as given (a target residual written raw under 'residual' is the target's own state); "
+        "'layer_mean' (injection 'residual', an explainer of the target's width, a task with an activation "
+        "cache): write μ_ℓ + inject_scale x σ_ℓ x unit(v − c_ℓ), a state on the layer's own manifold whose "
+        "centred part is v (μ_ℓ, σ_ℓ from the cache; c_ℓ = μ_ℓ for residual inputs, 0 for directions), where a "
+        "bare direction lacks the mean every real residual carries. 'early_add' always matches |h|.",
     )
     finetune: Literal["lora", "full"] = Field("lora", description="LoRA via peft, or full fine-tuning.")
     lora_r: int = Field(16, gt=0, le=MAX_BATCH, description="LoRA rank.")

@@ -95,6 +95,10 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
         if explainer.projection == "fitted":
             raise UserInputError(f"explainers.{role}.projection", f"'fitted' is fitted on an activation cache, which "
                                  f"the {task_name(recipe)} task does not build", "use projection 'auto' or 'always'")  # fmt: skip
+        if explainer.vector_norm == "layer_mean":
+            raise UserInputError(f"explainers.{role}.vector_norm", f"'layer_mean' reads the layer's statistics from an "
+                                 f"activation cache, which the {task_name(recipe)} task does not build",
+                                 "use 'match' or 'raw'")  # fmt: skip
     gt = ground_truth(recipe)
     if recipe.eval.n_train is not None and gt.is_complete():  # known only once the ground truth exists
         n = sum(s == "train" for t in gt.iter_shards(columns=["split"]) for s in t.column("split").to_pylist())

@@ -48,7 +48,7 @@ from tasks import models
 from tasks.config import ExplainerConfig
 
 if TYPE_CHECKING:
-    from tasks.projection import ProjectionFit
+    from tasks.projection import LayerStats, ProjectionFit
 
 SPAN_TOKENS = ("<|sx_begin|>", "<|sx_payload|>", "<|sx_end|>")
 SPAN = "".join(SPAN_TOKENS)
@@ -126,15 +126,24 @@ def explainer_layer(layer: int, n_target_layers: int, n_explainer_layers: int) -
     return round(layer * (n_explainer_layers - 1) / (n_target_layers - 1))
 
 
-def check_injection(cfg: ExplainerConfig, layers: Sequence[int], n_target_layers: int, field: str) -> None:
+def check_injection(
+    cfg: ExplainerConfig, layers: Sequence[int], n_target_layers: int, d_target: int, field: str
+) -> None:
     """A vector written into the residual stream is read only by the blocks above it: after the explainer's
-    last block nothing attends to it. Refuse such a site before anything runs."""
+    last block nothing attends to it. Refuse such a site, or a target-layer state written into an explainer of
+    another width, before anything runs."""
     if cfg.projection == "fitted" and cfg.injection != "embedding":
         raise UserInputError(f"{field}.projection", f"'fitted' maps into the token-embedding space, which injection "
                              f"{cfg.injection!r} does not read", "use injection 'embedding', or projection 'auto'")  # fmt: skip
+    explainer = models.load_config(cfg.model)
+    if cfg.vector_norm == "layer_mean" and (cfg.injection != "residual" or cfg.projection != "auto"
+                                            or explainer.hidden_size != d_target):  # fmt: skip
+        raise UserInputError(f"{field}.vector_norm", "'layer_mean' writes a state of the target's own layer, which "
+                             "needs injection 'residual', no projection and the target's width", "use 'match', or "
+                             "injection 'residual' with projection 'auto' on an explainer of the target's width")  # fmt: skip
     if cfg.injection == "embedding":
         return
-    n_blocks = models.load_config(cfg.model).num_hidden_layers
+    n_blocks = explainer.num_hidden_layers
     if cfg.injection == "early_add" and cfg.inject_layer >= n_blocks - 1:
         raise UserInputError(f"{field}.inject_layer", f"{cfg.inject_layer} leaves no block of the explainer's "
                              f"{n_blocks} above it to read the vector", f"use a block below {n_blocks - 1}")  # fmt: skip
@@ -223,6 +232,12 @@ class Explainer(nn.Module):
             self.register_buffer("fit_in_mean", torch.zeros(n_target_layers, d_target, device=dev))  # c_ℓ
             self.register_buffer("fit_out_mean", torch.zeros(n_target_layers, d_e, device=dev))  # μ_E
             self.register_buffer("fit_out_norm", torch.ones(n_target_layers, device=dev))  # s
+        self.on_manifold = cfg.vector_norm == "layer_mean" and not text_only
+        if self.on_manifold:  # u = μ_ℓ + s σ_ℓ unit(v − c_ℓ), see tasks/projection.py; zeros until set
+            dev = lm.runtime.device
+            self.register_buffer("layer_mean", torch.zeros(n_target_layers, d_target, device=dev))  # μ_ℓ
+            self.register_buffer("layer_spread", torch.zeros(n_target_layers, device=dev))  # σ_ℓ
+            self.register_buffer("layer_centre", torch.zeros(n_target_layers, d_target, device=dev))  # c_ℓ
         self.model = lm.model
         if cfg.finetune == "lora":
             torch.manual_seed(cfg.seed)  # LoRA's A matrices draw from the global RNG: same seed, same init
@@ -286,6 +301,14 @@ class Explainer(nn.Module):
                 self.fit_out_mean[layer] = torch.from_numpy(fit.out_mean[layer]).to(self.proj.device)
                 self.fit_out_norm[layer] = fit.out_norm[layer]
 
+    def set_layer_stats(self, stats: "LayerStats") -> None:
+        """Install the target's residual statistics (tasks/projection.py) for vector_norm 'layer_mean'."""
+        with torch.no_grad():
+            for layer, mu in stats.mean.items():
+                self.layer_mean[layer] = torch.from_numpy(mu).to(self.layer_mean.device)
+                self.layer_spread[layer] = stats.spread[layer]
+                self.layer_centre[layer] = torch.from_numpy(stats.centre[layer]).to(self.layer_mean.device)
+
     def injection_sites(self, layers: torch.Tensor) -> torch.Tensor:
         """[B]: the explainer block after which each row's vector enters the residual stream. 'residual': the
         block at the relative depth of target layer ℓ (`explainer_layer`, as the alignment diagnostics pair
@@ -339,6 +362,8 @@ class Explainer(nn.Module):
             return
         is_payload = input_ids == self.payload_id  # [B, T]
         u = self.project(vectors.to(input_ids.device), layers)  # [B, d_E]
+        if self.on_manifold:  # centred, so that what is left of a residual input is its own part
+            u = torch.where(u.any(dim=-1, keepdim=True), u - self.layer_centre[layers], u)  # v = 0 stays 0
         unit = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # [B, d_E]; v = 0 stays 0
         sites = self.injection_sites(layers.to(input_ids.device))  # [B]
         others = attention_mask.bool() & ~is_payload  # [B, T]: the prompt's real tokens
@@ -349,6 +374,9 @@ class Explainer(nn.Module):
                 at = (is_payload & (sites == block)[:, None]).unsqueeze(-1)  # [B, T, 1]
                 if self.cfg.injection == "early_add":
                     new = h + unit[:, None].to(h.dtype) * h.norm(dim=-1, keepdim=True) * self.cfg.inject_scale
+                elif self.on_manifold:  # a state of layer ℓ: its mean plus v's direction at a residual's own size
+                    spread = self.layer_spread[layers][:, None] * self.cfg.inject_scale  # [B, 1]
+                    new = (self.layer_mean[layers] + unit * spread)[:, None].to(h.dtype)  # [B, 1, d_E]
                 elif self.cfg.vector_norm == "match":  # the prompt's median norm here: robust to the sink token
                     norms = torch.where(others, h.float().norm(dim=-1), torch.nan)  # [B, T]
                     new = (unit * norms.nanmedian(dim=1).values[:, None])[:, None].to(h.dtype)  # [B, 1, d_E]
@@ -555,6 +583,11 @@ class Explainer(nn.Module):
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / "projection.safetensors")
             )
+        if self.on_manifold:
+            tensors = {"mean": self.layer_mean, "spread": self.layer_spread, "centre": self.layer_centre}
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / "layer_stats.safetensors")
+            )
         meta = {
             "config": self.cfg.model_dump(),
             "d_target": self.d_target,
@@ -599,6 +632,12 @@ class Explainer(nn.Module):
                     explainer.fit_in_mean.copy_(saved["in_mean"])
                     explainer.fit_out_mean.copy_(saved["out_mean"])
                     explainer.fit_out_norm.copy_(saved["out_norm"])
+        if explainer.on_manifold:
+            saved = load_file(str(path / "layer_stats.safetensors"))
+            with torch.no_grad():
+                explainer.layer_mean.copy_(saved["mean"])
+                explainer.layer_spread.copy_(saved["spread"])
+                explainer.layer_centre.copy_(saved["centre"])
         return explainer
 
 
@@ -779,11 +818,13 @@ def train_to_checkpoint(
     progress=None,
     rotation_seed: int | None = None,
     fit: Callable[["Explainer"], "ProjectionFit"] | None = None,
+    stats: Callable[[], "LayerStats"] | None = None,
 ) -> dict[str, Any]:
     """Train an explainer of a target (width d_target) on `make_queries(explainer)` (a seeded `val_fraction`
     held out for early stopping); write its checkpoint and loss history under `out`; mark it complete.
     rotation_seed: the rotated-basis control (see Explainer). fit: under projection 'fitted', the fitted Π
-    of this explainer (tasks/projection.py), installed before training."""
+    of this explainer (tasks/projection.py), installed before training. stats: under vector_norm 'layer_mean',
+    the target's residual statistics (tasks/projection.py), saved with the checkpoint."""
     explainer = Explainer(models.load(cfg.model), d_target, n_target_layers, cfg, rotation_seed)
     if explainer.fitted:
         if fit is None:
@@ -791,6 +832,12 @@ def train_to_checkpoint(
         fitted = fit(explainer)
         explainer.set_fitted_projection(fitted)
         meta = {**meta, "fit_pairs": {str(k): v for k, v in fitted.n_pairs.items()}}
+    if explainer.on_manifold:
+        if stats is None:
+            raise ValueError(
+                "vector_norm 'layer_mean' needs the stage's residual statistics: it has no activation cache"
+            )
+        explainer.set_layer_stats(stats())
     queries = make_queries(explainer)
     order = np.random.default_rng(cfg.seed).permutation(len(queries))
     n_val = int(round(cfg.val_fraction * len(queries)))

@@ -32,7 +32,7 @@ from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig, check_rol
 from tasks.corpus import ContextTexts
 from tasks.llm import complete
 from tasks.orchestration import progress_reporter, stage_task
-from tasks.projection import fit_projection
+from tasks.projection import fit_projection, residual_stats
 from tasks.results import Metric, Prediction, record_run, recorded
 from tasks.sae import layer_activations, write_exemplars, write_sae_layer
 from tasks.simulate import JUDGE_PROMPT, LMSimulator, SentenceEmbedder, judge_rating, mean_se, simulator_score
@@ -61,12 +61,13 @@ def check_recipe(recipe: FeaturesRecipe) -> CachePlan:
     if not recipe.explainers:
         raise UserInputError("explainers", "no explainer configured", "add at least one role, e.g. self")
     check_roles(recipe.eval, recipe.explainers)
+    d_target = models.load_config(recipe.target).hidden_size
     for role, cfg in recipe.explainers.items():
         try:
             models.resolve(cfg.model)
         except UserInputError as err:
             raise UserInputError(f"explainers.{role}.model.name", err.problem, err.fix) from None
-        ex.check_injection(cfg, recipe.cache.layers, plan.n_layers, f"explainers.{role}")
+        ex.check_injection(cfg, recipe.cache.layers, plan.n_layers, d_target, f"explainers.{role}")
     return plan
 
 
@@ -253,13 +254,18 @@ def train_explainer(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: 
         return {"path": str(out.path), **out.summary()}
     fs = training_subset(load_feature_set(Path(plan.home), gt_key), recipe.eval.n_train, cfg.seed)
     target = models.load_config(recipe.target)
+
+    def cached() -> dict[int, dict[str, np.ndarray]]:
+        return {layer: layer_activations(activations_dataset(plan), layer) for layer in recipe.cache.layers}
+
+    # SAE decoder rows are directions (differences of residuals): nothing to centre (residual_inputs False)
     summary = ex.train_to_checkpoint(
         out, cfg, None if mode == "no_activation" else target.hidden_size, target.num_hidden_layers,
         lambda e: ex.feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), e.chat, cfg.seed, mode or "trained"),
         {"role": name, "gt": gt_key}, progress, ex.rotation_seed(cfg, mode),
-        lambda e: fit_projection(e, {layer: layer_activations(activations_dataset(plan), layer)
-                                     for layer in recipe.cache.layers}, ContextTexts(Path(plan.home), plan.tokens_key),
-                                 cfg.fit_ridge, cfg.fit_rows, residual_inputs=False, seed=cfg.seed),
+        lambda e: fit_projection(e, cached(), ContextTexts(Path(plan.home), plan.tokens_key), cfg.fit_ridge,
+                                 cfg.fit_rows, residual_inputs=False, seed=cfg.seed),
+        lambda: residual_stats(cached(), residual_inputs=False),
     )  # fmt: skip
     return {"path": str(out.path), **summary}
 

@@ -111,3 +111,26 @@ def fit_projection(
         fit.out_norm[layer] = float((w / w.sum()) @ np.linalg.norm(e - mu_e, axis=1))
         fit.n_pairs[layer] = len(rows)
     return fit
+
+
+@dataclass
+class LayerStats:
+    """What `Explainer.set_layer_stats` installs under vector_norm 'layer_mean': where the target's layer-ℓ
+    residuals lie, so a vector can be written as a state of that layer (u = μ_ℓ + s σ_ℓ unit(v − c_ℓ))."""
+
+    mean: dict[int, np.ndarray]  # layer -> μ_ℓ [d_M]: the mean cached residual
+    spread: dict[int, float]  # layer -> σ_ℓ: the median |h − μ_ℓ|, the size of a residual's own part
+    centre: dict[int, np.ndarray]  # layer -> c_ℓ [d_M]: μ_ℓ for residual inputs, zeros for directions
+
+
+def residual_stats(layers: dict[int, dict[str, np.ndarray]], residual_inputs: bool) -> LayerStats:
+    """μ_ℓ and σ_ℓ of every layer of `layers` (layer -> `sae.layer_activations` arrays). The cache holds no
+    position 0 (the attention sink, whose norm is many times the rest), so neither is pulled by it."""
+    stats = LayerStats({}, {}, {})
+    for layer, data in sorted(layers.items()):
+        h = data["activation"].astype(np.float32)  # [N, d_M]
+        mu = h.mean(axis=0)
+        stats.mean[layer] = mu
+        stats.spread[layer] = float(np.median(np.linalg.norm(h - mu, axis=1)))
+        stats.centre[layer] = mu if residual_inputs else np.zeros_like(mu)
+    return stats

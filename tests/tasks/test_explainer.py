@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from storage.errors import UserInputError
 from tasks import models
 from tasks.config import ExplainerConfig, ModelConfig
 from tasks.explainer import (
@@ -11,11 +12,13 @@ from tasks.explainer import (
     Explainer,
     Query,
     basis_rotation,
+    check_injection,
     feature_queries,
     shuffled_donors,
     step_budget,
     train,
 )
+from tasks.projection import LayerStats, residual_stats
 
 
 def make_explainer(name="tiny-llama", d_target=64, n_layers=4, rotation_seed=None, **cfg) -> Explainer:
@@ -270,6 +273,43 @@ def test_early_add_adds_the_unit_vector_at_the_streams_norm():
     h = _block_outputs(ex, b_0, [1])[1][0, pos]  # v = 0 adds nothing: the stream as it is
     expected = h + torch.tensor(v[0] / np.linalg.norm(v[0]), dtype=torch.float32) * h.norm() * 2.0
     torch.testing.assert_close(_block_outputs(ex, b_v, [1])[1][0, pos], expected)
+
+
+def test_layer_mean_writes_the_layers_mean_plus_v_at_a_residuals_own_size(tmp_path):
+    ex = make_explainer(injection="residual", vector_norm="layer_mean", inject_scale=2.0)
+    mu = np.zeros(64, dtype=np.float32)
+    mu[0] = 10.0
+    centre = np.zeros(64, dtype=np.float32)
+    centre[1] = 4.0  # residual inputs: c_ℓ subtracted before the direction is taken
+    ex.set_layer_stats(LayerStats({2: mu}, {2: 3.0}, {2: centre}))
+    v = np.zeros((1, 64))
+    v[0, 1], v[0, 2] = 7.0, 4.0  # v − c = (0, 3, 4, 0, ...): unit (0, 0.6, 0.8, ...)
+    b_v, b_0 = _batch(ex, v), _batch(ex, np.zeros((1, 64)))
+    pos = int((b_v["input_ids"][0] == ex.payload_id).nonzero())
+    expected = mu.copy()
+    expected[1], expected[2] = 0.6 * 3.0 * 2.0, 0.8 * 3.0 * 2.0  # μ + inject_scale x σ x unit(v − c)
+    torch.testing.assert_close(_block_outputs(ex, b_v, [2])[2][0, pos], torch.from_numpy(expected))
+    torch.testing.assert_close(_block_outputs(ex, b_0, [2])[2][0, pos], torch.from_numpy(mu))  # v = 0: μ alone
+    ex.save(tmp_path / "ckpt")  # the statistics travel with the checkpoint
+    again = Explainer.load(tmp_path / "ckpt")
+    torch.testing.assert_close(_block_outputs(again, b_v, [2])[2][0, pos], torch.from_numpy(expected))
+
+
+def test_residual_stats_are_the_mean_and_the_median_centred_norm():
+    h = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 3.0], [2.0, -3.0]], dtype=np.float16)  # mean (2, 0)
+    stats = residual_stats({5: {"activation": h}}, residual_inputs=True)
+    np.testing.assert_allclose(stats.mean[5], [2.0, 0.0])
+    assert stats.spread[5] == 2.0  # |h − μ| = 1, 1, 3, 3: median 2
+    np.testing.assert_allclose(stats.centre[5], [2.0, 0.0])
+    assert not residual_stats({5: {"activation": h}}, residual_inputs=False).centre[5].any()
+
+
+@pytest.mark.parametrize(("update", "width"), [({"injection": "embedding"}, 64), ({"projection": "always"}, 64),
+                                               ({}, 32)])  # fmt: skip
+def test_layer_mean_is_refused_off_the_targets_own_residual_stream(update, width):
+    cfg = make_explainer().cfg.model_copy(update={"injection": "residual", "vector_norm": "layer_mean", **update})
+    with pytest.raises(UserInputError, match="^explainers.self.vector_norm: 'layer_mean' writes a state"):
+        check_injection(cfg, [1], 4, width, "explainers.self")
 
 
 def test_injection_sites_follow_relative_depth():

@@ -102,4 +102,4 @@ def test_fit_recovers_a_linear_map_of_the_explainers_own_embeddings_and_skips_ex
 def test_fitted_projection_is_refused_where_the_vector_skips_the_embedding():
     cfg = make_explainer(projection="fitted").cfg.model_copy(update={"injection": "residual"})
     with pytest.raises(UserInputError, match="explainers.self.projection: 'fitted' maps into the token-embedding"):
-        check_injection(cfg, [1], 4, "explainers.self")
+        check_injection(cfg, [1], 4, 64, "explainers.self")
