@@ -135,15 +135,14 @@ def check_injection(
     if cfg.projection == "fitted" and cfg.injection != "embedding":
         raise UserInputError(f"{field}.projection", f"'fitted' maps into the token-embedding space, which injection "
                              f"{cfg.injection!r} does not read", "use injection 'embedding', or projection 'auto'")  # fmt: skip
-    explainer = models.load_config(cfg.model)
     if cfg.vector_norm == "layer_mean" and (cfg.injection != "residual" or cfg.projection != "auto"
-                                            or explainer.hidden_size != d_target):  # fmt: skip
+                                            or models.load_config(cfg.model).hidden_size != d_target):  # fmt: skip
         raise UserInputError(f"{field}.vector_norm", "'layer_mean' writes a state of the target's own layer, which "
                              "needs injection 'residual', no projection and the target's width", "use 'match', or "
                              "injection 'residual' with projection 'auto' on an explainer of the target's width")  # fmt: skip
     if cfg.injection == "embedding":
         return
-    n_blocks = explainer.num_hidden_layers
+    n_blocks = models.load_config(cfg.model).num_hidden_layers
     if cfg.injection == "early_add" and cfg.inject_layer >= n_blocks - 1:
         raise UserInputError(f"{field}.inject_layer", f"{cfg.inject_layer} leaves no block of the explainer's "
                              f"{n_blocks} above it to read the vector", f"use a block below {n_blocks - 1}")  # fmt: skip
