@@ -24,6 +24,8 @@ from tests.flows.test_outcomes import tiny_ablation_recipe, tiny_patching_recipe
 
 SERVER_START_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 600
+API_PATIENCE_S = 180
+SERVER_LOGS: list[Path] = []  # the running server's log, quoted when it stops answering
 
 
 def _free_port() -> int:
@@ -54,6 +56,7 @@ def served(tmp_path_factory):
            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}  # fmt: skip
     logs = tmp / "logs"
     logs.mkdir()
+    SERVER_LOGS.append(logs / "server.log")
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -82,25 +85,41 @@ def _healthy(api: str) -> bool:
         return False
 
 
+def _call(method: str, url: str, **kwargs) -> httpx.Response:
+    """One API call as Prefect's own client makes it: a timeout or a 503 (SQLite busy, or the server starved
+    while flow-run processes import torch on two cores) is retried for up to API_PATIENCE_S; any other answer
+    is returned as it is."""
+    deadline = time.monotonic() + API_PATIENCE_S
+    while True:
+        try:
+            response = httpx.request(method, url, timeout=30, **kwargs)
+        except (httpx.TimeoutException, httpx.ConnectError) as exc:
+            if time.monotonic() > deadline:
+                tail = "".join(SERVER_LOGS[-1].read_text().splitlines(keepends=True)[-40:]) if SERVER_LOGS else ""
+                raise TimeoutError(f"{method} {url}: no answer in {API_PATIENCE_S} s; server log:\n{tail}") from exc
+        else:
+            if response.status_code != 503 or time.monotonic() > deadline:
+                return response
+        time.sleep(2)
+
+
 def _deployments(api: str) -> dict[str, dict]:
-    rows = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+    rows = _call("POST", f"{api}/deployments/filter", json={}).json()
     return {d["name"]: d for d in rows}
 
 
 def _trigger(api: str, deployment: str, parameters: dict) -> httpx.Response:
     """What the UI's 'Run' form does: POST the form's parameters to create a run of the deployment."""
     dep = _deployments(api)[deployment]
-    for _ in range(5):  # 503: a retryable server error (SQLite busy on a loaded machine), as Prefect's client retries
-        created = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters},
-                             timeout=30)  # fmt: skip
-        if created.status_code != 503:
-            break
-        time.sleep(2)
-    return created
+    return _call("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters})
+
+
+def _run(api: str, run_id: str) -> dict:
+    return _call("GET", f"{api}/flow_runs/{run_id}").json()
 
 
 def _state(api: str, run_id: str) -> str:
-    return httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()["state"]["type"]
+    return _run(api, run_id)["state"]["type"]
 
 
 def tiny_experiment_parameters(store: Path) -> dict:
@@ -141,7 +160,7 @@ def test_a_bad_recipe_run_from_a_deployment_fails_at_once_in_one_line_and_writes
         deployment, parameters, start = bad[name]
         _wait(lambda i=run_id: _state(api, i) in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), RUN_TIMEOUT_S,
               f"the {name} run did not finish")  # fmt: skip
-        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
+        run = _run(api, run_id)
         # the same line the CLI prints, as the run's state message; not retried; no task ran (no model loaded)
         with pytest.raises(UserInputError) as cli:
             VALIDATORS[deployment](RECIPES[deployment].model_validate(parameters["recipe"]))
@@ -149,7 +168,7 @@ def test_a_bad_recipe_run_from_a_deployment_fails_at_once_in_one_line_and_writes
         message = run["state"]["message"]
         assert run["state"]["type"] == "FAILED" and message.endswith(f"UserInputError: {cli.value}"), message
         assert "\n" not in message and run["run_count"] == 1
-        tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}, timeout=10)
+        tasks = _call("POST", f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}})
         assert tasks.json() == []
     assert not root.exists()  # no store, no lock, no Prefect result under it
 
@@ -182,7 +201,8 @@ def test_a_run_triggered_like_the_ui_completes_with_artifacts_and_metrics(served
     final = _wait(lambda: (s := _state(api, run_id)) in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and s,
                   RUN_TIMEOUT_S, "the run did not finish")  # fmt: skip
     assert final == "COMPLETED"
-    artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+    artifacts = _call("POST", f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+    artifacts = artifacts.json()
     by_key = {a["key"]: a for a in artifacts}
     assert by_key["ablation-metrics"]["type"] == "table" and "exact_match" in str(by_key["ablation-metrics"]["data"])
     assert (
@@ -190,7 +210,7 @@ def test_a_run_triggered_like_the_ui_completes_with_artifacts_and_metrics(served
         and "Task C: input ablation" in by_key["experiment-report"]["data"]
     )
     assert any(a["type"] == "progress" for a in artifacts)
-    gpu = httpx.get(f"{api}/v2/concurrency_limits/gpu", timeout=10).json()
+    gpu = _call("GET", f"{api}/v2/concurrency_limits/gpu").json()
     assert (gpu["limit"], gpu["active_slots"]) == (1, 0)  # the accelerator slot exists and was given back
     with connect_read_only(store) as con:
         rows = con.execute("select count(distinct n_train) from metrics where method = 'trained'").fetchone()
