@@ -39,6 +39,7 @@ from tasks.facts import load_facts, load_questions
 from tasks.importers import check_import, import_act_patch, import_input_ablation
 from tasks.orchestration import progress_reporter, stage_task
 from tasks.patching import layer_chunks, make_pairs, patching_key
+from tasks.projection import LayerStats, residual_stats
 from tasks.results import Metric, Prediction, record_run, recorded
 
 STAGE_VERSION = 3  # explainer checkpoints (2: Π_ℓ for every ground-truth layer; 3: they record their steps)
@@ -76,11 +77,12 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
     already built), every explainer's model, the role lists."""
     check_store(recipe.home)
     cfg = recipe.patching if isinstance(recipe, PatchingRecipe) else recipe.ablation
+    imported: list[dict[str, Any]] = []
     if check_import(cfg.import_train, cfg.import_test, task_name(recipe)):
         importer = import_act_patch if isinstance(recipe, PatchingRecipe) else import_input_ablation
         for name in ("import_train", "import_test"):
             try:
-                importer(getattr(cfg, name))
+                imported += importer(getattr(cfg, name))
             except UserInputError as err:
                 raise UserInputError(f"{task_name(recipe)}.{name}", err.problem, err.fix) from None
     else:
@@ -95,10 +97,11 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
         if explainer.projection == "fitted":
             raise UserInputError(f"explainers.{role}.projection", f"'fitted' is fitted on an activation cache, which "
                                  f"the {task_name(recipe)} task does not build", "use projection 'auto' or 'always'")  # fmt: skip
-        if explainer.vector_norm == "layer_mean":
-            raise UserInputError(f"explainers.{role}.vector_norm", f"'layer_mean' reads the layer's statistics from an "
-                                 f"activation cache, which the {task_name(recipe)} task does not build",
-                                 "use 'match' or 'raw'")  # fmt: skip
+        if explainer.vector_norm == "layer_mean" and isinstance(recipe, AblationRecipe):
+            raise UserInputError(f"explainers.{role}.vector_norm", "'layer_mean' writes a vector, and ablation "
+                                 "questions carry none", "use 'match'")  # fmt: skip
+        if isinstance(recipe, PatchingRecipe):
+            ex.check_injection(explainer, *vector_sites(recipe, imported), f"explainers.{role}")
     gt = ground_truth(recipe)
     if recipe.eval.n_train is not None and gt.is_complete():  # known only once the ground truth exists
         n = sum(s == "train" for t in gt.iter_shards(columns=["split"]) for s in t.column("split").to_pylist())
@@ -111,6 +114,19 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
             if getattr(recipe.eval, field):
                 raise UserInputError(f"eval.{field}", "ablation questions carry no vector, layer or token",
                                      "set it to []")  # fmt: skip
+
+
+def vector_sites(recipe: PatchingRecipe, imported: list[dict[str, Any]]) -> tuple[list[int], int, int]:
+    """(the target layers patching vectors are asked about, the target's layer count, its width), as
+    `check_injection` takes them: off the imported rows, or off the target's config and the layer chunks (a
+    vector is indexed by its chunk's first layer)."""
+    if imported:
+        firsts = sorted({r["layer"][0] for r in imported})
+        n_layers = max(max(r["layer"]) for r in imported) + 1
+        return firsts, n_layers, len(imported[0]["intervention_vector"])
+    target = models.load_config(recipe.target)
+    chunks = layer_chunks(target.num_hidden_layers, recipe.patching.n_chunks)
+    return [chunk[0] for chunk in chunks], target.num_hidden_layers, target.hidden_size
 
 
 def load_rows(gt: Dataset, split: str, cap: int | None, seed: int) -> list[dict[str, Any]]:
@@ -137,6 +153,23 @@ def target_dims(task: str, gt: Dataset) -> tuple[int | None, int]:
     first = next(gt.iter_shards(columns=["intervention_vector"]))  # one shard's vectors give the width
     top = max(max(layers) for t in gt.iter_shards(columns=["layer"]) for layers in t.column("layer").to_pylist())
     return len(first.column("intervention_vector")[0].as_py()), top + 1
+
+
+def vector_stats(gt: Dataset) -> LayerStats:
+    """Where patching vectors lie, for vector_norm 'layer_mean': μ, σ of the train split's chunk-mean vectors
+    per chunk (indexed, as Π is, by the chunk's first layer), and c = μ, so what is injected is a vector's
+    own part (pairwise cosine ≈ 0.55 raw, ≈ 0.04 centred). No label is read. Vectors taken at position 0, the
+    attention sink whose norm is many times the rest, are left out, as the activation cache leaves them out."""
+    by_layer: dict[int, list[np.ndarray]] = {}
+    for t in gt.iter_shards(columns=["split", "layer", "counterfact_pos", "intervention_vector"]):
+        for split, layers, pos, v in zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True):
+            by_layer.setdefault(layers[0], [])
+            if split == "train" and pos != 0:
+                by_layer[layers[0]].append(np.asarray(v, dtype=np.float32))
+    if empty := [layer for layer, vs in sorted(by_layer.items()) if not vs]:
+        raise UserInputError("explainers.vector_norm", f"'layer_mean' has no training vector off position 0 for "
+                             f"the chunk at layer {empty[0]}", "use 'match', or ground truth that trains every chunk")  # fmt: skip
+    return residual_stats({layer: {"activation": np.stack(vs)} for layer, vs in by_layer.items()}, True)
 
 
 def _mode(variant: str) -> str:
@@ -188,8 +221,9 @@ def train_outcome_explainer(recipe: OutcomeRecipe, role: str, variant: str, prog
 
     d_target, n_layers = target_dims(task, gt)
     meta = {"role": role, "variant": variant, "task": task, "gt": gt.key}
+    stats = (lambda: vector_stats(gt)) if task == "patching" else None
     summary = ex.train_to_checkpoint(out, cfg, d_target, n_layers, make_queries, meta, progress,
-                                     ex.rotation_seed(cfg, variant))  # fmt: skip
+                                     ex.rotation_seed(cfg, variant), stats=stats)  # fmt: skip
     return {"path": str(out.path), **summary}
 
 

@@ -275,8 +275,14 @@ class Explainer(nn.Module):
     # -- the mechanism --------------------------------------------------------------------------------------
 
     def project(self, vectors: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
-        """u = Π_ℓ v [B, d_E] (v itself without Π) from vectors [B, d_M] (float32, as stored) and layers [B]."""
+        """u = Π_ℓ v [B, d_E] (v itself without Π) from vectors [B, d_M] (float32, as stored) and layers [B].
+        Under vector_norm 'layer_mean' v is centred first (v − c_ℓ; v = 0 stays 0), so the rotated-basis
+        control rotates what is left of a residual input, Q(v − c_ℓ), not its layer mean too."""
         u = vectors.float()
+        if self.on_manifold:  # centred, so that what is left of a residual input is its own part
+            centre = self.layer_centre[layers.to(self.layer_centre.device)]  # [B, d_M]
+            u = u.to(centre.device)
+            u = torch.where(u.any(dim=-1, keepdim=True), u - centre, u)
         if self.rotation is not None:
             u = u.to(self.rotation.device) @ self.rotation.T  # [B, d_M]: row b is Q v_b
         if self.proj is None:
@@ -361,8 +367,6 @@ class Explainer(nn.Module):
             return
         is_payload = input_ids == self.payload_id  # [B, T]
         u = self.project(vectors.to(input_ids.device), layers)  # [B, d_E]
-        if self.on_manifold:  # centred, so that what is left of a residual input is its own part
-            u = torch.where(u.any(dim=-1, keepdim=True), u - self.layer_centre[layers], u)  # v = 0 stays 0
         unit = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # [B, d_E]; v = 0 stays 0
         sites = self.injection_sites(layers.to(input_ids.device))  # [B]
         others = attention_mask.bool() & ~is_payload  # [B, T]: the prompt's real tokens

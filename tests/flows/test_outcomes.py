@@ -28,7 +28,10 @@ def tiny_patching_recipe(home) -> PatchingRecipe:
         home=str(home),
         target=ModelConfig(name="tiny-llama", **TINY),
         patching={"n_pairs": 6, "positions_per_pair": 6, "n_chunks": 2, "cell_cap": 50, "pairs_per_shard": 3},
-        explainers=tiny_explainers(),
+        explainers={
+            **tiny_explainers(),
+            "self": tiny_explainers()["self"].model_copy(update={"injection": "residual", "vector_norm": "layer_mean"}),
+        },  # the shipped self explainer's form
         eval={"n_train": 24, "n_test": 10, "max_prompt_tokens": 4000, "rotated_basis_roles": ["self"]},
     )
 
@@ -105,7 +108,8 @@ def test_imported_public_rows_train_and_score_unchanged(tmp_path):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in act_patch(n)))
     recipe = tiny_patching_recipe(tmp_path / "store").model_copy(
         update={"patching": tiny_patching_recipe(tmp_path).patching.model_copy(
-            update={"import_train": str(tmp_path / "train.jsonl"), "import_test": str(tmp_path / "test.jsonl")})}
+            update={"import_train": str(tmp_path / "train.jsonl"), "import_test": str(tmp_path / "test.jsonl")}),
+            "explainers": tiny_explainers()}  # 8-wide vectors: not the tiny explainer's own layer states
     )  # fmt: skip
     result = patching(recipe)
     assert result["ground_truth"]["rows"] == 28 and result["ground_truth"]["test"] == 4

@@ -295,6 +295,22 @@ def test_layer_mean_writes_the_layers_mean_plus_v_at_a_residuals_own_size(tmp_pa
     torch.testing.assert_close(_block_outputs(again, b_v, [2])[2][0, pos], torch.from_numpy(expected))
 
 
+def test_layer_mean_under_the_rotated_basis_rotates_the_centred_vector():
+    """The rotated-basis control reads Q(v − c_ℓ): the layer's own mean is not rotated into the payload."""
+    ex = make_explainer(injection="residual", vector_norm="layer_mean", rotation_seed=3)
+    mu = np.zeros(64, dtype=np.float32)
+    mu[0] = 10.0
+    centre = np.full(64, 0.5, dtype=np.float32)
+    ex.set_layer_stats(LayerStats({2: mu}, {2: 3.0}, {2: centre}))
+    v = np.random.default_rng(8).normal(size=(1, 64)).astype(np.float32)
+    b = _batch(ex, v)
+    pos = int((b["input_ids"][0] == ex.payload_id).nonzero())
+    q = ex.rotation.cpu().numpy()
+    turned = q @ (v[0] - centre)  # Q(v − c), not Qv − c
+    expected = mu + 3.0 * turned / np.linalg.norm(turned)
+    torch.testing.assert_close(_block_outputs(ex, b, [2])[2][0, pos], torch.from_numpy(expected))
+
+
 def test_residual_stats_are_the_mean_and_the_median_centred_norm():
     h = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 3.0], [2.0, -3.0]], dtype=np.float16)  # mean (2, 0)
     stats = residual_stats({5: {"activation": h}}, residual_inputs=True)
