@@ -309,6 +309,14 @@ class ExplainerConfig(StrictModel):
     seed: int = Field(0, **SEED, description="Seed of shuffling, template sampling and initialisation.")
     eval_batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Prompts per batched greedy decode.")
 
+    @model_validator(mode="after")
+    def _floor_under_cap(self) -> "ExplainerConfig":
+        if self.max_steps is not None and self.max_steps < self.min_steps:  # the cap would undercut the floor
+            raise UserInputError("max_steps", f"{self.max_steps} is below min_steps ({self.min_steps}), so the "
+                                 "step floor would not hold", f"raise max_steps to {self.min_steps} or more, or "
+                                 "lower min_steps")  # fmt: skip
+        return self
+
 
 class PatchingConfig(StrictModel):
     """Activation-patching ground truth (task B)."""
