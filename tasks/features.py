@@ -39,7 +39,7 @@ from tasks.simulate import JUDGE_PROMPT, LMSimulator, SentenceEmbedder, judge_ra
 
 STAGE = "features"
 STAGE_VERSION = 2  # ground truth and explainer checkpoints (2: an SAE seed per layer)
-EVAL_VERSION = 4  # evaluation only: bumping it re-scores without retraining (4: shuffled v, escaped quotes)
+EVAL_VERSION = 5  # evaluation only: bumping re-scores without retraining (4: shuffled v, quotes; 5: ACT centred)
 SELFIE_USER = "Briefly define the word '{x}'."
 SELFIE_PREFIX = "The meaning of the word '{x}' is "
 SELFIE_BASE = "What is the meaning of the word '{x}'? The meaning of the word '{x}' is "
@@ -316,6 +316,13 @@ class EvalItem:
     split: str
 
 
+def explainer_vectors(items: list[EvalItem], layer_means: dict[int, np.ndarray], centres: bool) -> list[np.ndarray]:
+    """What each item hands the explainer: SAE directions and ΔACT differences as they are; an ACT vector, a
+    whole residual, minus the layer's mean μ_ℓ when the explainer's vector form reads directions centred
+    (vector_norm 'layer_mean', projection 'fitted'), so its own part is what arrives, as in calibration."""
+    return [it.vector - layer_means[it.layer] if centres and it.split == "ood_act" else it.vector for it in items]
+
+
 def score_items(
     items: list[EvalItem],
     descriptions: list[str],
@@ -379,6 +386,7 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
     test = fs.take(fs.split == "test")
     texts = ContextTexts(root, plan.tokens_key)
     caches = {layer: LayerCache(plan, layer) for layer in recipe.cache.layers}
+    layer_means = {layer: cache.x.mean(axis=0, dtype=np.float32) for layer, cache in caches.items()}  # μ_ℓ [d_M]
     ex_files = [str(p) for p in Dataset(root, "exemplars", gt_key).shard_files()]
     exemplars = dict(
         ((int(r[0]), int(r[1])), r[2])
@@ -411,8 +419,9 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
         steps = float(ex.Explainer.meta(Path(path) / "checkpoint")["steps"])
         per_explainer.append(Metric(run_id, "features", target_name, cfg.model.name, mode or "trained", n_train,
                                     seed, "train", "train_steps", steps, 0.0, n_train))  # fmt: skip
-        queries = [ex.feature_queries(it.vector[None], [it.layer], [None], [it.example_id], explainer.chat,
-                                      cfg.seed + k, mode or "trained")[0] for k, it in enumerate(items)]  # fmt: skip
+        vectors = explainer_vectors(items, layer_means, explainer.on_manifold or explainer.fitted)
+        queries = [ex.feature_queries(v[None], [it.layer], [None], [it.example_id], explainer.chat, cfg.seed + k,
+                                      mode or "trained")[0] for k, (it, v) in enumerate(zip(items, vectors, strict=True))]  # fmt: skip
         predictions[(mode or "trained", cfg.model.name)] = explainer.generate(queries, cfg.max_new_tokens,
                                                                              cfg.eval_batch_size)  # fmt: skip
         if not mode:  # the controls and diagnostics of a trained explainer (a prompt ablation has none)
