@@ -214,7 +214,7 @@ def evaluate(
     _, test = calibration_items(recipe, plan)
     cfg = explainer_config(recipe, injection)
     trained = ex.Explainer.load(Path(checkpoint) / "checkpoint")
-    steps = ex.Explainer.meta(Path(checkpoint) / "checkpoint")["steps"]
+    steps = ex.Explainer.step_counts(Path(checkpoint) / "checkpoint")
     donor = ex.shuffled_donors([it.layer for it in test], recipe.calibration.seed)
     vectors = {
         "trained": [it.vector for it in test],
@@ -249,8 +249,8 @@ def evaluate(
         rows += [Prediction(rid, "calibration", it.example_id, cfg.model.name, method, f"layer_{it.layer}", p,
                             answer(it.token), s) for it, p, s in zip(test, preds, scores, strict=True)]  # fmt: skip
     add("shuffled_vector", "follows_vector", exact_match(decoded["shuffled_vector"], [test[j] for j in donor]), n_train)
-    metrics.append(Metric(rid, "calibration", recipe.target.name, cfg.model.name, "trained", n_train, cfg.seed,
-                          "train", "train_steps", float(steps), 0.0, n_train))  # fmt: skip
+    metrics += [Metric(rid, "calibration", recipe.target.name, cfg.model.name, "trained", n_train, cfg.seed, "train",
+                       metric, value, 0.0, n_train) for metric, value in steps]  # fmt: skip
     return metrics, rows
 
 

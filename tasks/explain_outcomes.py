@@ -280,8 +280,8 @@ def evaluate(
         cfg = recipe.explainers[role]
         meta = ex.Explainer.meta(Path(path) / "checkpoint")
         n_train = int(meta["n_train"])
-        steps.append(Metric(run_id, task, recipe.target.name, cfg.model.name, variant, n_train, ev.seed,
-                            "train", "train_steps", float(meta["steps"]), 0.0, n_train))  # fmt: skip
+        steps += [Metric(run_id, task, recipe.target.name, cfg.model.name, variant, n_train, ev.seed, "train",
+                         metric, value, 0.0, n_train) for metric, value in ex.Explainer.step_counts(Path(path) / "checkpoint")]  # fmt: skip
         control = task == "patching" and variant == "trained" and ev.vector_controls
         # (method, how its questions are put): the variant itself, then the trained explainer's controls
         methods = [(variant, _mode(variant))] + (

@@ -607,6 +607,15 @@ class Explainer(nn.Module):
         """What a checkpoint records beside its weights: config, widths, base model, n_train, optimizer steps."""
         return json.loads((path / "explainer.json").read_text())
 
+    @staticmethod
+    def step_counts(path: Path) -> list[tuple[str, float]]:
+        """(metric, value) rows every evaluation reports with a trained explainer: `train_steps`, the optimizer
+        steps run, and `best_step`, the step of the best validation, whose weights the checkpoint keeps
+        (absent from checkpoints written before it was recorded)."""
+        meta = Explainer.meta(path)
+        return [(name, float(meta[key])) for name, key in (("train_steps", "steps"), ("best_step", "best_step"))
+                if key in meta]  # fmt: skip
+
     @classmethod
     def load(cls, path: Path, device_override: str | None = None) -> "Explainer":
         """Rebuild an explainer saved with `save`."""
@@ -848,7 +857,8 @@ def train_to_checkpoint(
     state = out.path / "_train_state.pt"  # resume point at each validation; removed once the checkpoint is written
     result = train(explainer, [queries[i] for i in order[n_val:]], [queries[i] for i in order[:n_val]], progress,
                    state)  # fmt: skip
-    explainer.save(out.path / "checkpoint", {**meta, "n_train": len(queries), "steps": result.steps})
+    explainer.save(out.path / "checkpoint", {**meta, "n_train": len(queries), "steps": result.steps,
+                                             "best_step": result.best_step})  # fmt: skip
     n = len(result.val_steps)
     out.write_shard(0, pa.table({"role": [meta.get("role", "")] * n, "explainer_model": [cfg.model.name] * n,
                                  "step": result.val_steps, "train_loss": result.train_loss,

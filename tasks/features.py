@@ -416,9 +416,9 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
         role, _, mode = name.partition("/")
         explainer = ex.Explainer.load(Path(path) / "checkpoint")
         cfg = recipe.explainers[role]
-        steps = float(ex.Explainer.meta(Path(path) / "checkpoint")["steps"])
-        per_explainer.append(Metric(run_id, "features", target_name, cfg.model.name, mode or "trained", n_train,
-                                    seed, "train", "train_steps", steps, 0.0, n_train))  # fmt: skip
+        per_explainer += [Metric(run_id, "features", target_name, cfg.model.name, mode or "trained", n_train, seed,
+                                 "train", metric, value, 0.0, n_train)
+                          for metric, value in ex.Explainer.step_counts(Path(path) / "checkpoint")]  # fmt: skip
         vectors = explainer_vectors(items, layer_means, explainer.on_manifold or explainer.fitted)
         queries = [ex.feature_queries(v[None], [it.layer], [None], [it.example_id], explainer.chat, cfg.seed + k,
                                       mode or "trained")[0] for k, (it, v) in enumerate(zip(items, vectors, strict=True))]  # fmt: skip

@@ -299,16 +299,20 @@ def orderings(
     return lines
 
 
-def steps_table(steps: dict[str, dict[int, tuple[float, float]]]) -> list[str]:
+def steps_table(steps: dict[str, dict[int, tuple[float, float]]],
+                best: dict[str, dict[int, tuple[float, float]]]) -> list[str]:  # fmt: skip
     """Markdown lines: the optimizer steps behind every trained point (mean over seeds), so an under-trained
-    point of a data-efficiency curve reads as one."""
+    point of a data-efficiency curve reads as one; beside each, in brackets, the step of the best validation,
+    whose weights the point was scored with."""
     if not steps:
         return []
     sizes = sorted({n for pts in steps.values() for n in pts})
-    lines = ["### optimizer steps (train_steps)", "", "| series | " + " | ".join(f"n={n}" for n in sizes) + " |",
-             "|---" * (len(sizes) + 1) + "|"]  # fmt: skip
+    lines = ["### optimizer steps (train_steps; best validation step in brackets)", "",
+             "| series | " + " | ".join(f"n={n}" for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]  # fmt: skip
     for name in sorted(steps):
-        cells = [f"{steps[name][n][0]:.0f}" if n in steps[name] else "–" for n in sizes]
+        kept = best.get(name, {})
+        cells = [f"{steps[name][n][0]:.0f}" + (f" ({kept[n][0]:.0f})" if n in kept else "") if n in steps[name]
+                 else "–" for n in sizes]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -359,7 +363,7 @@ def write_report(root: Path, experiment: str) -> Path:
             if (metric, split) == METRICS[task][0]:
                 headline[task] = {s: max(((n, p) for n, p in pts.items() if n != -1), default=(0, None))[1]
                                   for s, pts in series.items() if s == "self" or (s.startswith("other (") and "," not in s)}  # fmt: skip
-        lines += steps_table(table.get((task, "train_steps", "train"), {}))
+        lines += steps_table(table.get((task, "train_steps", "train"), {}), table.get((task, "best_step", "train"), {}))
     headline = {t: {s: p for s, p in h.items() if p is not None} for t, h in headline.items() if h}
     if headline:
         plot_self_vs_other(headline, tmp / "self-vs-other.png")

@@ -57,6 +57,9 @@ def test_features_flow_fills_the_result_contract(tmp_path, text_file):
     steps = con.execute("select method, value from metrics where metric = 'train_steps' and explainer_model = "
                         "'tiny-llama' order by method").fetchall()  # fmt: skip
     assert steps == [(m, 2.0) for m in ("no_activation", "no_layer", "rotated_basis", "trained")]  # 27 rows / 16
+    best = con.execute("select method, value from metrics where metric = 'best_step' and explainer_model = "
+                       "'tiny-llama' order by method").fetchall()  # fmt: skip
+    assert [m for m, _ in best] == [m for m, _ in steps] and all(b in (1.0, 2.0) for _, b in best)  # a validation step
     assert all(n == 8 and 0 <= v <= 1 and se == se for _, _, v, se, n in rows)  # se is not NaN
     for split in ("ood_act", "ood_delta"):  # every method but gold
         assert con.execute(f"select count(*) from metrics where split = '{split}'").fetchone()[0] == 13

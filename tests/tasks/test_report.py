@@ -35,7 +35,8 @@ def fixture_experiment(root):
         _metric(run, "patching", "other-lm", "trained", n, "exact_match", 0.25, 0.02),
         _metric(run, "patching", "", "majority", n, "exact_match", 0.3, 0.02),
         _metric(run, "patching", "tgt", "zero_shot", 0, "exact_match", 0.01 if flat else 0.99, 0.01),
-        _metric(run, "patching", "tgt", "trained", n, "train_steps", 30 + n // 2, 0.0, split="train")])  # fmt: skip
+        _metric(run, "patching", "tgt", "trained", n, "train_steps", 30 + n // 2, 0.0, split="train"),
+        _metric(run, "patching", "tgt", "trained", n, "best_step", 10 + n // 10, 0.0, split="train")])  # fmt: skip
 
 
 def test_report_tables_plots_and_orderings(home):
@@ -49,7 +50,7 @@ def test_report_tables_plots_and_orderings(home):
     assert "self > other (other-lm) **held** (Δ = +15.0 ± 2.8, unpaired)" in text  # no predictions to pair
     assert "self > majority answer **held**" in text
     assert "Paper (§6, 8B targets): self (Llama-3.1-8B) 48.6" in text
-    assert "| series | n=10 | n=100 |\n|---|---|---|\n| self | 35 | 80 |" in text  # the steps behind each point
+    assert "| series | n=10 | n=100 |\n|---|---|---|\n| self | 35 (11) | 80 (20) |" in text  # steps (best step)
     for png in ("patching-exact_match-test.png", "self-vs-other.png"):
         assert (path.parent / png).stat().st_size > 5000 and f"({png})" in text
 
