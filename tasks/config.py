@@ -267,10 +267,11 @@ class ExplainerConfig(StrictModel):
         "embedding norm under 'embedding', the median residual norm of the prompt at that block under "
         "'residual'), so vectors of any source (unit SAE directions, raw activations) arrive at its scale; "
         "'raw': inject as given (a target residual written raw under 'residual' is the target's own state); "
-        "'layer_mean' (injection 'residual', an explainer of the target's width, a task with an activation "
-        "cache): write μ_ℓ + inject_scale x σ_ℓ x unit(v − c_ℓ), a state on the layer's own manifold whose "
-        "centred part is v (μ_ℓ, σ_ℓ from the cache; c_ℓ = μ_ℓ for residual inputs, 0 for directions), where a "
-        "bare direction lacks the mean every real residual carries. 'early_add' always matches |h|.",
+        "'layer_mean' (injection 'residual', an explainer of the target's width; not ablation, which has no "
+        "vector): write μ_ℓ + inject_scale x σ_ℓ x unit(v − c_ℓ), a state on the layer's own manifold whose "
+        "centred part is v (μ_ℓ, σ_ℓ from the activation cache, or for patching from the train split's "
+        "chunk-mean vectors; c_ℓ = μ_ℓ for residual inputs, 0 for directions), where a bare direction lacks "
+        "the mean every real residual carries. 'early_add' always matches |h|.",
     )
     finetune: Literal["lora", "full"] = Field("lora", description="LoRA via peft, or full fine-tuning.")
     lora_r: int = Field(16, gt=0, le=MAX_BATCH, description="LoRA rank.")
