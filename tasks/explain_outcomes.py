@@ -89,6 +89,8 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
         models.resolve(recipe.target)
         if not ground_truth(recipe).is_complete():
             check_ground_truth_source(recipe)
+    # where patching vectors enter (the same for every role): off the imported rows or the target's chunks
+    sites = vector_sites(recipe, imported) if isinstance(recipe, PatchingRecipe) else None
     for role, explainer in recipe.explainers.items():
         try:
             models.resolve(explainer.model)
@@ -100,8 +102,8 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
         if explainer.vector_norm == "layer_mean" and isinstance(recipe, AblationRecipe):
             raise UserInputError(f"explainers.{role}.vector_norm", "'layer_mean' writes a vector, and ablation "
                                  "questions carry none", "use 'match'")  # fmt: skip
-        if isinstance(recipe, PatchingRecipe):
-            ex.check_injection(explainer, *vector_sites(recipe, imported), f"explainers.{role}")
+        if sites is not None:
+            ex.check_injection(explainer, *sites, f"explainers.{role}")
     gt = ground_truth(recipe)
     if recipe.eval.n_train is not None and gt.is_complete():  # known only once the ground truth exists
         n = sum(s == "train" for t in gt.iter_shards(columns=["split"]) for s in t.column("split").to_pylist())
