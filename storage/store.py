@@ -217,10 +217,14 @@ class Dataset:
     def mark_complete(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.path / "_COMPLETE.json", {"completed_at": time.time(), **summary})
 
+    def marked_complete(self) -> bool:
+        """Marked complete by its writer (nothing read beyond the marker, nothing changed)."""
+        return (self.path / "_COMPLETE.json").exists()
+
     def is_complete(self) -> bool:
         """Marked complete and every shard present at its manifest size; a damaged dataset is un-completed
         here (see `invalidate`), so the next run of its stage recomputes the damaged shards."""
-        if not (self.path / "_COMPLETE.json").exists():
+        if not self.marked_complete():
             return False
         problems = self.damaged(full=False)
         if problems:

@@ -173,7 +173,8 @@ class CachePlan(BaseModel):
 
 def plan_cache(recipe: CacheRecipe) -> CachePlan:
     """Validate a cache recipe against the store, the model and the corpus (no weights loaded, nothing written to
-    the store): the cheap checks first, the corpus's size (which reads its start) last."""
+    the store): the cheap checks first, the corpus's size last: a bound from its bytes, then (unless the store
+    holds its tokens already) the exact count, tokenised once for the check and the run."""
     home = check_store(recipe.home)
     resolved = models.resolve(recipe.model)
     config = models.load_config(recipe.model)
@@ -186,6 +187,8 @@ def plan_cache(recipe: CacheRecipe) -> CachePlan:
     corpus.check_size(recipe.corpus)
     precision = models.resolve_runtime(recipe.model).precision
     tokens = corpus.tokens_key(recipe.corpus, resolved.identity, recipe.cache.contexts_per_shard)
+    if not corpus.tokens_dataset(str(home), tokens).marked_complete():
+        corpus.check_tokens(models.load_tokenizer(recipe.model), recipe.corpus)
     cache = recipe.cache.model_dump(exclude={"batch_size"})  # batch size changes speed, not the result
     key = config_hash(
         STAGE, STAGE_VERSION, {"model": resolved.identity, "precision": precision, "tokens": tokens, "cache": cache}

@@ -288,9 +288,8 @@ def check_size(cfg: CorpusConfig) -> None:
     covers the need (about n_tokens bytes; the whole corpus only when it is too small). The built-in corpus
     (about 9.3M bytes of text, 2.3M SmolLM2 tokens) is first held to the ceiling its source files give without
     parsing them (about 62M: a second, once per process), so an n_tokens beyond that is refused at once; one
-    between the text's bytes and that ceiling reads the whole corpus first (about a minute on two cores). A
-    corpus within the bound that tokenises to fewer tokens still fails, at tokenisation (tokenize_contexts),
-    with the exact count."""
+    between the text's bytes and that ceiling reads the whole corpus first (about a minute on two cores). The
+    bound is the cheap first check; `check_tokens` then counts exactly, with the tokenizer."""
     need = -(-cfg.n_tokens // cfg.context_length) * (cfg.context_length - 1)
     if cfg.source == BUILTIN and _python_docs_ceiling()[1] < need:  # far too many: refused without parsing
         _refuse_size(cfg, *_python_docs_ceiling())
@@ -334,12 +333,33 @@ def context_start_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
+def check_tokens(tokenizer: PreTrainedTokenizerBase, cfg: CorpusConfig) -> None:
+    """Refuse, with the exact count, a `corpus.n_tokens` the corpus holds too few tokens of, before anything is
+    written. It tokenises as far as the contexts need, once: the run's `tokenize_contexts` then reuses it."""
+    tokenize_contexts(tokenizer, cfg)
+
+
+# The last tokenisation of this process: (tokenizer, corpus) -> ids [n_contexts, context_length]. One entry
+# (tens of MB at most), so the pre-run check and the run that follows it tokenise once between them.
+_TOKENIZED: dict[tuple, np.ndarray] = {}
+
+
 def tokenize_contexts(tokenizer: PreTrainedTokenizerBase, cfg: CorpusConfig) -> np.ndarray:
     """Token ids [n_contexts, context_length]: BOS then context_length-1 tokens of the document stream.
 
     Documents are joined with EOS in between, so a context may span a document boundary (as in SAE training
     corpora). n_contexts = ceil(n_tokens / context_length). Deterministic for a given tokenizer and corpus.
     """
+    key = (tokenizer.name_or_path, type(tokenizer).__name__, len(tokenizer), cfg.model_dump_json(),
+           corpus_identity(cfg))  # fmt: skip
+    if key not in _TOKENIZED:
+        _TOKENIZED.clear()
+        _TOKENIZED[key] = _tokenize_contexts(tokenizer, cfg)
+        _TOKENIZED[key].flags.writeable = False  # shared by every caller
+    return _TOKENIZED[key]
+
+
+def _tokenize_contexts(tokenizer: PreTrainedTokenizerBase, cfg: CorpusConfig) -> np.ndarray:
     n_contexts = -(-cfg.n_tokens // cfg.context_length)
     body = cfg.context_length - 1
     need = n_contexts * body
@@ -354,10 +374,10 @@ def tokenize_contexts(tokenizer: PreTrainedTokenizerBase, cfg: CorpusConfig) -> 
         if len(stream) >= need:
             break
     if len(stream) < need:
+        most = len(stream) // body * cfg.context_length  # the largest n_tokens whose contexts the stream fills
+        fix = f"lower corpus.n_tokens to at most {most}, or add text" if most else "add text, or shorten the contexts"
         raise UserInputError(
-            "corpus.n_tokens",
-            f"{cfg.n_tokens} tokens asked but the corpus {cfg.source} holds only {len(stream)}",
-            f"lower corpus.n_tokens to at most {len(stream)} or add text",
+            "corpus.n_tokens", f"{cfg.n_tokens} tokens asked but the corpus {cfg.source} holds only {len(stream)}", fix
         )
     ids = np.asarray(stream[:need], dtype=np.int32).reshape(n_contexts, body)
     return np.concatenate([np.full((n_contexts, 1), bos, dtype=np.int32), ids], axis=1)

@@ -149,6 +149,30 @@ def test_check_size_refuses_only_what_the_corpus_cannot_hold(tokenizer, tmp_path
         corpus.tokenize_contexts(tokenizer, beyond)
 
 
+def test_check_tokens_refuses_with_the_exact_count_and_the_run_tokenises_once(tokenizer, tmp_path, monkeypatch):
+    # 30 documents "ab": 15 bytes of JSON each, so the byte bound lets 450 through; the byte tokenizer makes
+    # 2 tokens + EOS of each: a stream of 90, which fills 90 // 7 = 12 contexts of 8 (n_tokens <= 96)
+    path = tmp_path / "short.jsonl"
+    path.write_text((json.dumps({"text": "ab"}) + "\n") * 30)
+    too_many = CorpusConfig(source=str(path), n_tokens=256, context_length=8)  # 32 contexts: 224 stream tokens
+    corpus.check_size(too_many)  # within the bound
+    with pytest.raises(UserInputError) as err:
+        corpus.check_tokens(tokenizer, too_many)
+    assert str(err.value) == (f"corpus.n_tokens: 256 tokens asked but the corpus {path} holds only 90; "
+                              "fix: lower corpus.n_tokens to at most 96, or add text")  # fmt: skip
+    calls = []
+    real = corpus._tokenize_contexts
+    monkeypatch.setattr(corpus, "_tokenize_contexts", lambda tok, cfg: calls.append(cfg) or real(tok, cfg))
+    most = too_many.model_copy(update={"n_tokens": 96})
+    corpus.check_tokens(tokenizer, most)
+    ids = corpus.tokenize_contexts(tokenizer, most)  # the run after the check: no second pass over the corpus
+    assert len(calls) == 1 and ids.shape == (12, 8) and not ids.flags.writeable
+    a, b = tokenizer("ab")["input_ids"]
+    assert ids[0].tolist() == [tokenizer.bos_token_id, a, b, tokenizer.eos_token_id, a, b, tokenizer.eos_token_id, a]
+    corpus.tokenize_contexts(tokenizer, most.model_copy(update={"context_length": 4}))  # another corpus view
+    assert len(calls) == 2
+
+
 def test_check_size_reads_a_large_corpus_only_as_far_as_it_needs(tmp_path, monkeypatch):
     path = tmp_path / "big.parquet"
     pq.write_table(pa.table({"text": ["some words of text " * 10] * 5000}), path, row_group_size=100)
