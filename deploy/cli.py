@@ -198,6 +198,27 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def _position(text: str) -> int | str:
+    """argparse type of --position: a token index (negative from the end) or 'all'."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token index or 'all'") from None
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from tasks import explain
+    from tasks.config import ExplainRecipe, as_recipe
+
+    fields = ("home", "explainer", "role", "text", "position", "layer", "feature", "vector", "target")
+    recipe = as_recipe(ExplainRecipe, {f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    rows = explain.run(recipe)
+    print_rows(list(rows[0]), [tuple(r.values()) for r in rows], args.format)
+    return 0
+
+
 def _seconds(text: str) -> float:
     """argparse type of --timeout: a finite number of seconds, 0 or more."""
     try:
@@ -266,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--experiment", help="experiment key (default: the latest finished one)")
     rep.add_argument("--home", help="store root (default: $SELFEXPLAIN_HOME or ./.selfexplain)")
     rep.set_defaults(func=cmd_report)
+
+    exp = sub.add_parser("explain", help="ask a trained features explainer about a text, an SAE feature or a vector")
+    exp.add_argument("--explainer",
+                     help="checkpoint: a key of the `explainers` table, a checkpoint folder, or 'latest' (default)")  # fmt: skip
+    exp.add_argument("--role", help="with 'latest': the explainer role (default self)")
+    exp.add_argument("--text", help="a text the target runs on; its residual at --layer and --position is explained")
+    exp.add_argument("--position", type=_position,
+                     help="token of --text: an index (negative from the end; default -1) or 'all' (one row each)")  # fmt: skip
+    exp.add_argument("--layer", type=int, help="target layer of the residual (--text) or of the vector (--vector)")
+    exp.add_argument("--feature", metavar="LAYER/ID", help="an SAE feature of its ground truth, e.g. 3/117")
+    exp.add_argument("--vector", help="a .npy file holding one vector of the target's width (read as a direction)")
+    exp.add_argument("--target", help="target model for --text (default: the one the checkpoint records)")
+    exp.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    exp.add_argument("--home", help="store root (default: $SELFEXPLAIN_HOME or ./.selfexplain)")
+    exp.set_defaults(func=cmd_explain)
 
     sub.add_parser("models", help="list the model registry").set_defaults(func=cmd_models)
 

@@ -24,6 +24,7 @@ RECIPE_FILES = {
     "patching": "patching_smollm2.yaml",
     "ablation": "ablation_smollm2.yaml",
     "experiment": "demo_smollm2.yaml",
+    "explain": "explain_smollm2.yaml",
 }
 NIGHTLY = "nightly-data-efficiency"
 NIGHTLY_CRON = "0 2 * * *"  # 02:00 UTC

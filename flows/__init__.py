@@ -1,8 +1,10 @@
 """Prefect flows, one per pipeline: thin, they read like the paper's method section.
 
-Each flow first runs its recipe's check (VALIDATORS below: the same ones the CLI runs before it starts a flow),
-so a run started from a deployment (the UI, the API, a schedule) refuses bad input before anything is written,
-with the one-line UserInputError as its failure message. No flow is retried as a whole (retries=0, whatever
+Each flow first validates its recipe itself (tasks.config.as_recipe, with Prefect's parameter validation off,
+so a cross-field mistake reads as the CLI's line, not as Prefect's multi-line report), then runs its recipe's
+check (VALIDATORS below: the same ones the CLI runs before it starts a flow), so a run started from a
+deployment (the UI, the API, a schedule) refuses bad input before anything is written, with the one-line
+UserInputError as its failure message. No flow is retried as a whole (retries=0, whatever
 PREFECT_FLOW_DEFAULT_RETRIES says): bad input would fail again, and transient failures are retried by the
 tasks that meet them (tasks.orchestration.retry_transient).
 """
@@ -11,16 +13,18 @@ from flows.ablation import ablation
 from flows.cache_activations import cache_activations
 from flows.calibrate import calibrate
 from flows.experiment import experiment
+from flows.explain import explain
 from flows.features import features
 from flows.patching import patching
 from tasks.activations import plan_cache
 from tasks.calibrate import check_recipe as check_calibrate_recipe
 from tasks.experiment import check_recipe as check_experiment_recipe
+from tasks.explain import check_recipe as check_explain_recipe
 from tasks.explain_outcomes import check_recipe as check_outcome_recipe
 from tasks.features import check_recipe
 
 FLOWS = {"cache-activations": cache_activations, "calibrate": calibrate, "features": features, "patching": patching,
-         "ablation": ablation, "experiment": experiment}  # fmt: skip
+         "ablation": ablation, "experiment": experiment, "explain": explain}  # fmt: skip
 # Checks run before a flow starts, so bad input is one line (and nothing is written), not a failed run.
 VALIDATORS = {
     "cache-activations": plan_cache,
@@ -29,4 +33,5 @@ VALIDATORS = {
     "patching": check_outcome_recipe,
     "ablation": check_outcome_recipe,
     "experiment": check_experiment_recipe,
+    "explain": check_explain_recipe,
 }

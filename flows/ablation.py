@@ -14,13 +14,14 @@ from prefect import flow
 
 from flows.outcomes import explain_outcomes
 from tasks.ablation import ablation_ground_truth
-from tasks.config import AblationRecipe
+from tasks.config import AblationRecipe, as_recipe
 from tasks.explain_outcomes import check_recipe
 
 
-@flow(name="ablation", log_prints=True, retries=0)
+@flow(name="ablation", log_prints=True, retries=0, validate_parameters=False)
 def ablation(recipe: AblationRecipe) -> dict[str, Any]:
     """Input ablation end to end: ground truth, explainers, baselines, metrics."""
+    recipe = as_recipe(AblationRecipe, recipe)  # the form's JSON, from a deployment
     check_recipe(recipe)  # first: bad input fails the run in one line, before anything is written
     truth = ablation_ground_truth(recipe)
     return explain_outcomes(recipe, truth)

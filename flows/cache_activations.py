@@ -11,14 +11,15 @@ from typing import Any
 from prefect import flow
 
 from tasks.activations import cache_residual_stream, plan_cache
-from tasks.config import CacheRecipe
+from tasks.config import CacheRecipe, as_recipe
 from tasks.corpus import tokenize_corpus
 from tasks.orchestration import refresh_catalog_task
 
 
-@flow(name="cache-activations", log_prints=True, retries=0)
+@flow(name="cache-activations", log_prints=True, retries=0, validate_parameters=False)
 def cache_activations(recipe: CacheRecipe) -> dict[str, Any]:
     """Cache the residual stream of `recipe.model` over `recipe.corpus` at `recipe.cache.layers`."""
+    recipe = as_recipe(CacheRecipe, recipe)  # the form's JSON, from a deployment
     plan = plan_cache(recipe)
     tokens = tokenize_corpus(
         home=plan.home,

@@ -14,14 +14,15 @@ from prefect.artifacts import create_table_artifact
 
 from tasks.activations import cache_residual_stream
 from tasks.calibrate import check_recipe, evaluate_task, run_id, summary_table, train_explainer_task
-from tasks.config import CalibrateRecipe
+from tasks.config import CalibrateRecipe, as_recipe
 from tasks.corpus import tokenize_corpus
 from tasks.orchestration import refresh_catalog_task
 
 
-@flow(name="calibrate", log_prints=True, retries=0)
+@flow(name="calibrate", log_prints=True, retries=0, validate_parameters=False)
 def calibrate(recipe: CalibrateRecipe) -> dict[str, Any]:
     """Token readout under every injection mode of `recipe.calibration.injections`, with its controls."""
+    recipe = as_recipe(CalibrateRecipe, recipe)  # the form's JSON, from a deployment
     plan = check_recipe(recipe)
     cache = recipe.cache_recipe()
     tokens = tokenize_corpus(plan.home, plan.tokens_key, cache.model, cache.corpus, cache.cache.contexts_per_shard)

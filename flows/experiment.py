@@ -16,7 +16,7 @@ from flows.features import explain_features, features_ground_truth
 from flows.outcomes import explain_outcomes
 from storage.store import store_root
 from tasks.ablation import ablation_ground_truth
-from tasks.config import ExperimentRecipe, RunnerConfig
+from tasks.config import ExperimentRecipe, RunnerConfig, as_recipe
 from tasks.experiment import Cell, cell_recipe, check_recipe, expand, record_experiment
 from tasks.orchestration import refresh_catalog_task
 from tasks.patching import patching_ground_truth
@@ -48,9 +48,10 @@ def dask_runner(cfg: RunnerConfig) -> Any:
     return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.n_workers, "threads_per_worker": 1, "processes": True})
 
 
-@flow(name="experiment", log_prints=True, retries=0)
+@flow(name="experiment", log_prints=True, retries=0, validate_parameters=False)
 def experiment(recipe: ExperimentRecipe) -> dict[str, Any]:
     """Every task's ground truth once, then every grid cell, then the report."""
+    recipe = as_recipe(ExperimentRecipe, recipe)  # the form's JSON, from a deployment
     check_recipe(recipe)  # first: bad input fails the run in one line, before anything is written
     cells = expand(recipe)
     truths = {name: GROUND_TRUTH[name](recipe.task_recipe(name)) for name in recipe.tasks}

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow
 
 from tasks.activations import cache_residual_stream
-from tasks.config import FeaturesRecipe
+from tasks.config import FeaturesRecipe, as_recipe
 from tasks.corpus import tokenize_corpus
 from tasks.features import (
     build_ground_truth_task,
@@ -52,7 +52,8 @@ def explain_features(recipe: FeaturesRecipe, gt: dict[str, Any]) -> dict[str, An
     return {"ground_truth": gt["truth"], "explainers": checkpoints, "results": results}
 
 
-@flow(name="features", log_prints=True, retries=0)
+@flow(name="features", log_prints=True, retries=0, validate_parameters=False)
 def features(recipe: FeaturesRecipe) -> dict[str, Any]:
     """Feature descriptions end to end: ground truth, explainers, baselines, metrics."""
+    recipe = as_recipe(FeaturesRecipe, recipe)  # the form's JSON, from a deployment
     return explain_features(recipe, features_ground_truth(recipe))

@@ -16,14 +16,15 @@ from typing import Any
 from prefect import flow
 
 from flows.outcomes import explain_outcomes
-from tasks.config import PatchingRecipe
+from tasks.config import PatchingRecipe, as_recipe
 from tasks.explain_outcomes import check_recipe
 from tasks.patching import patching_ground_truth
 
 
-@flow(name="patching", log_prints=True, retries=0)
+@flow(name="patching", log_prints=True, retries=0, validate_parameters=False)
 def patching(recipe: PatchingRecipe) -> dict[str, Any]:
     """Activation patching end to end: ground truth, explainers, baselines, metrics."""
+    recipe = as_recipe(PatchingRecipe, recipe)  # the form's JSON, from a deployment
     check_recipe(recipe)  # first: bad input fails the run in one line, before anything is written
     truth = patching_ground_truth(recipe)
     return explain_outcomes(recipe, truth)

@@ -6,7 +6,7 @@ Recipes (YAML under recipes/) are validated against these models; an unknown key
 import functools
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -694,6 +694,39 @@ class CalibrateRecipe(_CachedRecipe):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="Items and modes.")
 
 
+class ExplainRecipe(StrictModel):
+    """Recipe of the explain flow (and `selfexplain explain`): ask a trained features explainer about a text's
+    residual, an SAE feature of its ground truth, or any vector. Exactly one of text, feature, vector."""
+
+    home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
+    explainer: str = Field("latest", min_length=1, description="Checkpoint: a key of the `explainers` table (its "
+                           "`dataset` column), a checkpoint folder, or 'latest' (the newest features explainer of "
+                           "`role` in the store).")  # fmt: skip
+    role: str = Field("self", min_length=1, description="With explainer 'latest': the role to pick (self, other).")
+    text: str | None = Field(None, max_length=100_000, description="A text the target runs on (as the "
+                             "activation cache runs a context); its residual at `layer` and `position` is explained.")  # fmt: skip
+    position: Annotated[int, Field(ge=-MAX_LENGTH, lt=MAX_LENGTH)] | Literal["all"] = Field(
+        -1, description="Token of `text`: an index (negative counts from the end) or 'all' (one row per token)."
+    )
+    layer: int | None = Field(None, ge=0, lt=MAX_LAYERS, description="Target layer of the residual (text) or of "
+                              "the vector; a layer the explainer was trained on.")  # fmt: skip
+    feature: str | None = Field(None, pattern=r"^\d+/\d+$", description="An SAE feature of the explainer's "
+                                "ground truth, as LAYER/ID (e.g. 3/117).")  # fmt: skip
+    vector: str | None = Field(None, description="A .npy file holding one vector of the target's width (read "
+                               "as a direction, like an SAE feature), at `layer`.")  # fmt: skip
+    target: str | None = Field(None, description="Target model for `text` (null: the one the checkpoint records).")
+
+    @model_validator(mode="after")
+    def _one_question(self) -> "ExplainRecipe":
+        asked = [name for name in ("text", "feature", "vector") if getattr(self, name) is not None]
+        if len(asked) != 1:
+            raise UserInputError("text", f"{' and '.join(asked) or 'nothing'} to explain",
+                                 "give exactly one of text, feature or vector")  # fmt: skip
+        if self.layer is None and self.feature is None:
+            raise UserInputError("layer", "missing", "name the target layer of the residual or the vector")
+        return self
+
+
 RECIPES: dict[str, type[StrictModel]] = {
     "calibrate": CalibrateRecipe,
     "cache-activations": CacheRecipe,
@@ -701,6 +734,7 @@ RECIPES: dict[str, type[StrictModel]] = {
     "patching": PatchingRecipe,
     "ablation": AblationRecipe,
     "experiment": ExperimentRecipe,
+    "explain": ExplainRecipe,
 }
 
 
@@ -868,7 +902,20 @@ def load_recipe(
         key, raw = item.split("=", 1)
         key = key.strip()
         set_dotted(data, key, parse_yaml(raw, f"--set {key}", f"the value {short_repr(raw)}"))
+    return as_recipe(kind, data)
+
+
+R = TypeVar("R", bound=StrictModel)
+
+
+def as_recipe(kind: type[R], value: R | dict[str, Any]) -> R:
+    """`value` validated as a `kind` recipe, a mistake as one line (`_one_line`). A flow's recipe parameter goes
+    through here, not through Prefect's parameter validation (its flows say validate_parameters=False): a run
+    started from a deployment passes the form's JSON, and a cross-field error the server's schema cannot see
+    (n_exemplars below min_exemplars) then fails the run with the line the CLI prints, not Prefect's report."""
+    if isinstance(value, kind):
+        return value
     try:
-        return kind.model_validate(data)
+        return kind.model_validate(value)
     except ValidationError as err:
-        raise _one_line(err, data) from None
+        raise _one_line(err, value if isinstance(value, dict) else {}) from None

@@ -262,7 +262,8 @@ def train_explainer(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: 
     summary = ex.train_to_checkpoint(
         out, cfg, None if mode == "no_activation" else target.hidden_size, target.num_hidden_layers,
         lambda e: ex.feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), e.chat, cfg.seed, mode or "trained"),
-        {"role": name, "gt": gt_key}, progress, ex.rotation_seed(cfg, mode),
+        {"role": name, "gt": gt_key, "task": "features", "target": recipe.target.model_dump(),
+         "layers": recipe.cache.layers}, progress, ex.rotation_seed(cfg, mode),
         lambda e: fit_projection(e, cached(), ContextTexts(Path(plan.home), plan.tokens_key), cfg.fit_ridge,
                                  cfg.fit_rows, residual_inputs=False, seed=cfg.seed),
         lambda: residual_stats(cached(), residual_inputs=False),

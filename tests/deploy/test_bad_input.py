@@ -26,6 +26,7 @@ from storage.catalog import refresh_catalog
 from storage.errors import MAX_PART_CHARS, UserInputError
 from storage.store import Dataset
 from tasks.config import RECIPES
+from tests.tasks.test_config import ASKED
 
 TINY = ["--set", "model.name=tiny-llama", "--set", "model.autocast=none", "--set", "cache.layers=[1]"]
 TINY_FEATURES = ["--set", "target.name=tiny-llama", "--set", "cache.layers=[1]"]
@@ -99,6 +100,8 @@ def _files(tmp: Path) -> dict[str, str]:
                                                  for s, o in [("France", "Paris"), ("Peru", "Lima")]))  # fmt: skip
     (tmp / "bad_facts.jsonl").write_text(json.dumps({"subject": "France", "relation": "capital", "object": "Paris"})
                                          + "\n{broken\n")  # fmt: skip
+    # 30 two-letter documents: 450 bytes of JSON lines (the bound) but 90 byte tokens (the exact count)
+    (tmp / "many_short.jsonl").write_text((json.dumps({"text": "ab"}) + "\n") * 30)
     (tmp / "small_shards").mkdir()
     (tmp / "small_shards" / "a.txt").write_text("first shard ")
     (tmp / "small_shards" / "b.jsonl").write_text(json.dumps({"text": "second shard"}) + "\n")
@@ -119,7 +122,7 @@ def _files(tmp: Path) -> dict[str, str]:
         "shards": "shards", "corrupt_store": "corrupt_store", "folder_store": "folder_store",
         "file_store": "file_store", "small_txt": "small.txt", "small_parquet": "small.parquet",
         "few_facts": "few_facts.jsonl", "bad_facts": "bad_facts.jsonl", "bad_answer": "bad_answer.jsonl",
-        "small_shards": "small_shards"}.items()}  # fmt: skip
+        "small_shards": "small_shards", "many_short": "many_short.jsonl"}.items()}  # fmt: skip
 
 
 # (id, argv given the input paths f and the store s, the start of the one stderr line)
@@ -260,6 +263,8 @@ CASES = [
     ("n-tokens-beyond-a-text-file", lambda f, s: ["run", "cache-activations", *TINY, "--set", f"corpus.source={f['small_txt']}", "--home", s], "error: corpus.n_tokens: 100000 tokens asked but the corpus {small_txt} holds at most 128 (at most a token per byte of its 128 bytes); fix: lower corpus.n_tokens to at most 128"),
     ("n-tokens-beyond-a-parquet-file", lambda f, s: ["run", "features", *TINY_FEATURES, "--set", f"corpus.source={f['small_parquet']}", "--set", "corpus.n_tokens=5000", "--home", s], "error: corpus.n_tokens: 5000 tokens asked but the corpus {small_parquet} holds at most 0 (at most a token per byte of its 55 bytes); fix: add text, or shorten the contexts"),
     ("n-tokens-beyond-a-folder", lambda f, s: ["run", "calibrate", *TINY_CALIBRATE, "--set", "cache.layers=[1]", "--set", f"corpus.source={f['small_shards']}", "--set", "corpus.context_length=8", "--home", s], "error: corpus.n_tokens: 100000 tokens asked but the corpus {small_shards} holds at most 40 (at most a token per byte of its 37 bytes)"),
+    ("n-tokens-between-the-exact-count-and-the-bound", lambda f, s: ["run", "cache-activations", *TINY, "--set", f"corpus.source={f['many_short']}", "--set", "corpus.n_tokens=256", "--set", "corpus.context_length=8", "--home", s], "error: corpus.n_tokens: 256 tokens asked but the corpus {many_short} holds only 90; fix: lower corpus.n_tokens to at most 96, or add text"),
+    ("n-tokens-between-the-exact-count-and-the-bound-in-features", lambda f, s: ["run", "features", *TINY_FEATURES, "--set", f"corpus.source={f['many_short']}", "--set", "corpus.n_tokens=384", "--home", s], "error: corpus.n_tokens: 384 tokens asked but the corpus {many_short} holds only 90; fix: add text, or shorten the contexts"),
     ("n-tokens-beyond-the-builtin-corpus", lambda f, s: ["run", "cache-activations", *TINY, "--set", "corpus.n_tokens=1000000000000", "--home", s], "error: corpus.n_tokens: 1000000000000 tokens asked but the corpus builtin:python-docs holds at most "),
     ("n-tokens-beyond-the-corpus-in-experiment", lambda f, s: ["run", "experiment", "--set", "target.name=tiny-llama", "--set", "tasks=[features]", "--set", "features.cache.layers=[1]", "--set", f"features.corpus.source={f['small_txt']}", "--home", s], "error: features.corpus.n_tokens: 100000 tokens asked but the corpus {small_txt} holds at most 128"),
     # a store root no run can use, from --home or the recipe, refused before anything is created
@@ -406,7 +411,7 @@ def test_every_flow_runs_its_recipe_check_first_and_is_never_retried(tmp_path, f
     # a run started from a deployment (the UI, the API, a schedule) skips the CLI: the flow's own first step is
     # the check the CLI runs, so bad input fails that run the same way, before anything is written
     (tmp_path / "afile").write_text("not a store")
-    recipe = RECIPES[flow]().model_copy(update={"home": str(tmp_path / "afile")})
+    recipe = RECIPES[flow].model_validate({**ASKED.get(flow, {}), "home": str(tmp_path / "afile")})
     with pytest.raises(UserInputError) as by_the_cli:
         VALIDATORS[flow](recipe)
     with pytest.raises(UserInputError) as by_the_flow:

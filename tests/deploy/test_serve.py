@@ -4,6 +4,7 @@ A module fixture starts `prefect server start` on 127.0.0.1 (SQLite in a private
 `selfexplain serve` beside it; the tests use the server's API exactly as the UI does.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -19,8 +20,10 @@ import yaml
 from flows import VALIDATORS
 from storage.catalog import connect_read_only
 from storage.errors import UserInputError
-from tasks.config import RECIPES
+from tasks.config import RECIPES, as_recipe
+from tests.flows.test_features import tiny_features_recipe
 from tests.flows.test_outcomes import tiny_ablation_recipe, tiny_patching_recipe
+from tests.tasks.test_explain import save_checkpoint
 
 SERVER_START_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 600
@@ -69,7 +72,7 @@ def served(tmp_path_factory):
             env=env, cwd=Path(__file__).resolve().parents[2], stdout=open(logs / "serve.log", "w"),
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        _wait(lambda: len(_deployments(api)) >= 7, 120, "the deployments were not served")
+        _wait(lambda: len(_deployments(api)) >= 8, 120, "the deployments were not served")
         yield api, f"http://127.0.0.1:{port}", tmp / "store", env
     finally:
         for proc in (serve, server):
@@ -139,11 +142,22 @@ def _bad_recipes(root: Path) -> dict[str, tuple[str, dict, str]]:
     experiment["tasks"] = ["patching"]
     experiment["patching"] = tiny_patching_recipe(root / "experiment").model_dump(mode="json")
     experiment["patching"]["patching"]["facts"] = str(root / "no-facts.jsonl")
+    # cross-field mistakes (model validators) that the server's schema cannot see: the flow's own validation
+    features = tiny_features_recipe(root / "features", root / "corpus.txt").model_dump(mode="json")
+    features["sae"]["n_exemplars"] = 2  # below min_exemplars (5)
+    cache = {"home": str(root / "cache"), "model": {"name": "tiny-llama"}, "corpus": {"context_length": 16},
+             "cache": {"layers": [1], "positions_per_context": 40}}  # fmt: skip
     return {
         "patching": ("patching", {"recipe": patching}, "eval.ablation_roles: ['ghost'] are not explainer roles; fix: "),
         "ablation": ("ablation", {"recipe": ablation}, f"ablation.questions: {root}/no-questions.jsonl does not exist"),
         "experiment": ("experiment", {"recipe": experiment},
                        f"patching.patching.facts: {root}/no-facts.jsonl does not exist; fix: "),
+        "features": ("features", {"recipe": features},
+                     "recipe field 'sae.n_exemplars': 2 is fewer than min_exemplars (5), so no feature would be kept"),
+        "cache": ("cache-activations", {"recipe": cache}, "recipe field 'cache.positions_per_context': 40 asked but a "
+                  "context of 16 tokens holds 15 storable positions"),
+        "explain": ("explain", {"recipe": {"home": str(root / "explain"), "text": "Paris", "vector": "v.npy",
+                                           "layer": 1}}, "recipe field 'text': text and vector to explain; fix: "),
     }  # fmt: skip
 
 
@@ -163,7 +177,7 @@ def test_a_bad_recipe_run_from_a_deployment_fails_at_once_in_one_line_and_writes
         run = _run(api, run_id)
         # the same line the CLI prints, as the run's state message; not retried; no task ran (no model loaded)
         with pytest.raises(UserInputError) as cli:
-            VALIDATORS[deployment](RECIPES[deployment].model_validate(parameters["recipe"]))
+            VALIDATORS[deployment](as_recipe(RECIPES[deployment], parameters["recipe"]))
         assert str(cli.value).startswith(start), str(cli.value)
         message = run["state"]["message"]
         assert run["state"]["type"] == "FAILED" and message.endswith(f"UserInputError: {cli.value}"), message
@@ -176,7 +190,7 @@ def test_a_bad_recipe_run_from_a_deployment_fails_at_once_in_one_line_and_writes
 def test_deployments_forms_schedule_and_parameter_validation(served):
     api, _, store, _ = served
     deps = _deployments(api)
-    assert {"cache-activations", "calibrate", "features", "patching", "ablation", "experiment",
+    assert {"cache-activations", "calibrate", "features", "patching", "ablation", "experiment", "explain",
             "nightly-data-efficiency"} <= set(deps)  # fmt: skip
     nightly = deps["nightly-data-efficiency"]
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
@@ -191,6 +205,24 @@ def test_deployments_forms_schedule_and_parameter_validation(served):
     assert "Training-set sizes (a log grid; nested subsets)." in str(schema)
     bad = _trigger(api, "experiment", {"recipe": {"grid": {"n_train": "lots"}}})
     assert bad.status_code == 409 and "n_train" in bad.text, bad.text
+
+
+def test_the_explain_deployment_answers_in_a_table_artifact(served):
+    api, _, store, _ = served
+    root = store.parent / "explain-store"
+    save_checkpoint(root, "tinyself")  # a features explainer (tiny-llama, layers 1 and 3)
+    created = _trigger(api, "explain", {"recipe": {"home": str(root), "explainer": "tinyself", "text": "Paris",
+                                                   "layer": 1, "position": "all"}})  # fmt: skip
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    final = _wait(lambda: (s := _state(api, run_id)) in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and s,
+                  RUN_TIMEOUT_S, "the explain run did not finish")  # fmt: skip
+    assert final == "COMPLETED", _run(api, run_id)["state"]
+    artifacts = _call("POST", f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+    (table,) = [a for a in artifacts.json() if a["key"] == "explanations"]
+    rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+    assert table["type"] == "table" and [(r["position"], r["token"]) for r in rows] == list(enumerate("Paris"))
+    assert sorted(p.name for p in (root / "tables").iterdir()) == ["explainers"]  # nothing written by the run
 
 
 def test_a_run_triggered_like_the_ui_completes_with_artifacts_and_metrics(served):

@@ -15,11 +15,13 @@ from tasks.config import (
     ExperimentRecipe,
     FeaturesRecipe,
     PatchingRecipe,
+    as_recipe,
     load_recipe,
     parse_yaml,
 )
 
 RECIPE_DIR = Path(__file__).parents[2] / "recipes"
+ASKED = {"explain": {"text": "Paris", "layer": 3}}  # the least a recipe without usable defaults needs
 
 
 def test_defaults_validate_and_layers_are_sorted():
@@ -68,9 +70,11 @@ def test_shipped_recipes_validate(path):
         "ablation": "ablation",
         "demo": "experiment",
         "experiment": "experiment",
+        "explain": "explain",
     }[path.name.split("_")[0]]
     recipe = load_recipe(RECIPES[flow], path)
-    assert isinstance(recipe, RECIPES[flow]) and "smollm2-135m-instruct" in recipe.model_dump_json()
+    assert isinstance(recipe, RECIPES[flow])
+    assert flow == "explain" or "smollm2-135m-instruct" in recipe.model_dump_json()  # explain: the checkpoint's
 
 
 def test_every_config_field_is_documented():
@@ -124,8 +128,9 @@ def test_what_lax_validation_would_take_is_refused(kind, overrides, message):
 
 
 def test_the_strict_rules_keep_what_is_right():
-    for recipe in RECIPES.values():  # defaults hold no repeats, no inf, no booleans as numbers; they round-trip
-        assert recipe.model_validate(recipe().model_dump()) == recipe()
+    for name, recipe in RECIPES.items():  # defaults hold no repeats, no inf, no booleans as numbers; they round-trip
+        made = recipe.model_validate(ASKED.get(name, {}))
+        assert recipe.model_validate(made.model_dump()) == made
     r = load_recipe(FeaturesRecipe, overrides=["sae.lr=1", "explainers.self.lr=1e-3", "eval.selfie=false"])
     assert r.sae.lr == 1.0 and r.explainers["self"].lr == 0.001 and r.eval.selfie is False  # YAML reads 1e-3 as text
     assert load_recipe(ExperimentRecipe, overrides=["grid.n_train=[16, 8]"]).grid.n_train == [8, 16]
@@ -276,6 +281,21 @@ def test_fields_that_must_agree_are_checked_together(kind, overrides, message):
     with pytest.raises(UserInputError) as err:
         load_recipe(kind, overrides=overrides)
     assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_flow_parameter_is_validated_like_a_recipe_file():
+    recipe = load_recipe(CacheRecipe, overrides=["corpus.context_length=16"])
+    assert as_recipe(CacheRecipe, recipe) is recipe  # a recipe the CLI validated is passed through
+    assert as_recipe(CacheRecipe, recipe.model_dump(mode="json")) == recipe  # a deployment's JSON form
+    for data, message in [
+        ({"corpus": {"context_length": 16}, "cache": {"positions_per_context": 40}},
+         "recipe field 'cache.positions_per_context': 40 asked but a context of 16 tokens holds 15 storable "
+         "positions (skip_first 1); fix: use at most 15, or null to store all"),
+        ({"cache": {"layer": [1]}}, "recipe field 'cache.layer': unknown key; fix: remove it or correct its spelling"),
+    ]:  # fmt: skip
+        with pytest.raises(UserInputError) as err:
+            as_recipe(CacheRecipe, data)
+        assert str(err.value).startswith(message), str(err.value)
 
 
 def test_fields_that_agree_pass():

@@ -1,0 +1,158 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from deploy.cli import main
+from storage.errors import UserInputError
+from storage.store import Dataset
+from tasks import explain, models
+from tasks.config import ModelConfig
+from tasks.projection import LayerStats
+from tests.tasks.test_explainer import make_explainer
+
+TARGET = ModelConfig(name="tiny-llama", autocast="none")
+MU = {1: np.full(64, 0.5, dtype=np.float32), 3: np.linspace(-1, 1, 64, dtype=np.float32)}  # μ_ℓ of the "cache"
+
+
+def save_checkpoint(store, key: str, role: str = "self", completed_at: float = 1.0, **meta) -> explain.Checkpoint:
+    """A features explainer checkpoint (untrained tiny-llama, layer_mean at layers 1 and 3) in `store`."""
+    e = make_explainer(injection="residual", vector_norm="layer_mean", max_new_tokens=3)
+    e.set_layer_stats(LayerStats(MU, {1: 2.0, 3: 2.0}, {ell: np.zeros(64, dtype=np.float32) for ell in MU}))
+    ds = Dataset(store, "explainers", key)
+    ds.create({"stage": "explainer"})
+    record = {"role": role, "gt": "g0", "task": "features", "target": TARGET.model_dump(), "layers": [1, 3], **meta}
+    e.save(ds.path / "checkpoint", record)
+    (ds.path / "_COMPLETE.json").write_text(json.dumps({"completed_at": completed_at}))
+    return explain.Checkpoint(
+        key, ds.path / "checkpoint", json.loads((ds.path / "checkpoint" / "explainer.json").read_text())
+    )
+
+
+@pytest.fixture
+def asked(monkeypatch):
+    """The vectors and layers handed to the explainer, captured; each answered with its row index."""
+    calls = []
+
+    def describe(explainer, vectors, layers, seed=None):
+        calls.append((np.asarray(vectors), list(layers)))
+        return [f"said {i}" for i in range(len(layers))]
+
+    monkeypatch.setattr(explain, "describe", describe)
+    return calls
+
+
+def _residuals(text: str, layer: int) -> np.ndarray:
+    """[T, d]: the output of decoder block `layer` over BOS + text, without the BOS row (the cache's convention;
+    HF's last hidden_states entry is after the final norm, so a hook reads the block itself)."""
+    lm = models.load(TARGET)
+    ids = [lm.tokenizer.bos_token_id, *lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    seen = []
+    hook = lm.model.model.layers[layer].register_forward_hook(
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        lm.model(torch.tensor([ids]))
+    hook.remove()
+    return seen[0][0, 1:].numpy()
+
+
+def test_a_texts_residual_reaches_the_explainer_centred_by_the_layer_mean(home, asked):
+    ck = save_checkpoint(home, "k1")
+    rows = explain.explain_text(ck, "Paris is", 3, -1)
+    h = _residuals("Paris is", 3)  # 8 byte tokens
+    ((vectors, layers),) = asked
+    np.testing.assert_allclose(vectors, (h[-1] - MU[3])[None], atol=1e-5)
+    assert layers == [3] and rows == [{"layer": 3, "position": 7, "token": "s", "explanation": "said 0"}]
+    rows = explain.explain_text(ck, "Paris is", 1, "all")  # the explanation lens: one row per token
+    np.testing.assert_allclose(asked[1][0], _residuals("Paris is", 1) - MU[1], atol=1e-5)
+    assert [r["position"] for r in rows] == list(range(8)) and "".join(r["token"] for r in rows) == "Paris is"
+    assert [r["explanation"] for r in rows] == [f"said {i}" for i in range(8)]
+    explain.explain_text(ck, "Paris is", 1, -8)
+    np.testing.assert_allclose(asked[2][0], (_residuals("Paris is", 1)[0] - MU[1])[None], atol=1e-5)
+
+
+def test_a_feature_and_a_vector_reach_the_explainer_as_directions(home, asked):
+    ck = save_checkpoint(home, "k1")
+    directions = np.arange(3 * 64, dtype=np.float32).reshape(3, 64) / 100
+    feats = Dataset(home, "features", "g0")
+    feats.create({})
+    feats.write_shard(0, pa.table({"layer": [3, 3, 1], "feature_id": [0, 1, 0],
+                                   "direction": pa.array(list(directions), pa.list_(pa.float32()))}))  # fmt: skip
+    feats.mark_complete({})
+    labels = Dataset(home, "feature_labels", "g0")
+    labels.create({})
+    labels.write_shard(0, pa.table({"layer": [3], "feature_id": [1], "label": ['the token "is"']}))
+    labels.mark_complete({})
+    assert explain.explain_feature(ck, home, 3, 1) == [
+        {"layer": 3, "feature_id": 1, "label": 'the token "is"', "explanation": "said 0"}
+    ]
+    np.testing.assert_array_equal(asked[0][0], directions[1:2])  # not centred: a direction, as in training
+    assert explain.explain_feature(ck, home, 1, 0)[0]["label"] is None  # unlabelled: the explainer's word only
+    with pytest.raises(UserInputError, match=r"^feature: layer 3 has no SAE feature 5 \(2 features\)"):
+        explain.explain_feature(ck, home, 3, 5)
+    v = np.ones(64, dtype=np.float32)
+    assert explain.explain_vector(ck, v, 1) == [{"layer": 1, "explanation": "said 0"}]
+    np.testing.assert_array_equal(asked[-1][0], v[None])
+
+
+@pytest.mark.parametrize(
+    "ask, message",
+    [
+        (lambda ck: explain.explain_text(ck, "Paris", 2, -1),
+         "layer: 2 is not a layer this explainer was trained on ([1, 3]); fix: use one of [1, 3]"),
+        (lambda ck: explain.explain_text(ck, "Paris", 1, 5),
+         "position: 5 is outside the text's 5 tokens; fix: use -5 to 4, or 'all'"),
+        (lambda ck: explain.explain_text(ck, "", 1, -1), "text: the text has no tokens"),
+        (lambda ck: explain.explain_vector(ck, np.ones(32), 1),
+         "vector: has shape [32], the explainer reads vectors of width 64"),
+        (lambda ck: explain.explain_vector(ck, np.full(64, np.nan), 1), "vector: holds a NaN or an infinity"),
+        (lambda ck: explain.explain_feature(ck, None, 1, 0), "feature: the features ground truth of this "
+                                                             "explainer (g0) is not in the store"),
+    ],
+)  # fmt: skip
+def test_bad_questions_are_one_line(home, ask, message, monkeypatch):
+    ck = save_checkpoint(home, "k1")
+    monkeypatch.setenv("SELFEXPLAIN_HOME", str(home))
+    with pytest.raises(UserInputError) as err:
+        ask(ck)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_checkpoints_are_found_by_key_folder_or_as_the_latest_of_a_role(home, tmp_path):
+    save_checkpoint(home, "aaa", completed_at=5.0)
+    save_checkpoint(home, "bbb", completed_at=9.0)
+    save_checkpoint(home, "ccc", role="other", completed_at=20.0)
+    save_checkpoint(home, "ddd", completed_at=30.0, task="patching")  # not a features explainer
+    assert explain.find_checkpoint(home).key == "bbb"
+    assert explain.find_checkpoint(home, role="other").key == "ccc"
+    assert explain.find_checkpoint(home, "aaa").path == home / "tables" / "explainers" / "aaa" / "checkpoint"
+    assert explain.find_checkpoint(home, str(home / "tables" / "explainers" / "aaa")).meta["role"] == "self"
+    with pytest.raises(UserInputError, match=r"^explainer: 'zzz' is neither a checkpoint key"):
+        explain.find_checkpoint(home, "zzz")
+    with pytest.raises(UserInputError, match=r"^explainer: 'ddd' is a patching explainer"):
+        explain.find_checkpoint(home, "ddd")
+    with pytest.raises(UserInputError, match=r"holds no trained features explainer of role 'judge'"):
+        explain.find_checkpoint(home, role="judge")
+    np.save(tmp_path / "bad.npy", np.array(["a", "b"]))
+    with pytest.raises(UserInputError, match=r"holds no array of numbers"):
+        explain.read_vector(tmp_path / "bad.npy")
+
+
+def test_the_cli_prints_the_explanations_as_a_table_csv_or_json(home, tmp_path, capsys):
+    save_checkpoint(home, "k1")
+    assert main(["explain", "--home", str(home), "--text", "Hi there", "--layer", "1", "--position", "all",
+                 "--format", "json"]) == 0  # fmt: skip
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["position"], r["token"]) for r in rows] == list(enumerate("Hi there"))
+    assert all(isinstance(r["explanation"], str) for r in rows)
+    np.save(tmp_path / "v.npy", np.ones(64, dtype=np.float32))
+    assert main(["explain", "--home", str(home), "--vector", str(tmp_path / "v.npy"), "--layer", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["layer", "explanation"] and out[-1] == "(1 row)"
+    assert main(["explain", "--home", str(home), "--text", "Hi", "--vector", "v.npy", "--layer", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "error: recipe field 'text': text and vector to explain; fix: give exactly one of text, feature or vector\n"
+    )
