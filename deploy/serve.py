@@ -25,6 +25,7 @@ RECIPE_FILES = {
     "ablation": "ablation_smollm2.yaml",
     "experiment": "demo_smollm2.yaml",
     "explain": "explain_smollm2.yaml",
+    "bootstrap": "bootstrap_smollm2.yaml",
 }
 NIGHTLY = "nightly-data-efficiency"
 NIGHTLY_CRON = "0 2 * * *"  # 02:00 UTC

@@ -10,6 +10,7 @@ tasks that meet them (tasks.orchestration.retry_transient).
 """
 
 from flows.ablation import ablation
+from flows.bootstrap import bootstrap
 from flows.cache_activations import cache_activations
 from flows.calibrate import calibrate
 from flows.experiment import experiment
@@ -17,6 +18,7 @@ from flows.explain import explain
 from flows.features import features
 from flows.patching import patching
 from tasks.activations import plan_cache
+from tasks.bootstrap import check_recipe as check_bootstrap_recipe
 from tasks.calibrate import check_recipe as check_calibrate_recipe
 from tasks.experiment import check_recipe as check_experiment_recipe
 from tasks.explain import check_recipe as check_explain_recipe
@@ -24,7 +26,7 @@ from tasks.explain_outcomes import check_recipe as check_outcome_recipe
 from tasks.features import check_recipe
 
 FLOWS = {"cache-activations": cache_activations, "calibrate": calibrate, "features": features, "patching": patching,
-         "ablation": ablation, "experiment": experiment, "explain": explain}  # fmt: skip
+         "ablation": ablation, "experiment": experiment, "explain": explain, "bootstrap": bootstrap}  # fmt: skip
 # Checks run before a flow starts, so bad input is one line (and nothing is written), not a failed run.
 VALIDATORS = {
     "cache-activations": plan_cache,
@@ -34,4 +36,5 @@ VALIDATORS = {
     "ablation": check_outcome_recipe,
     "experiment": check_experiment_recipe,
     "explain": check_explain_recipe,
+    "bootstrap": check_bootstrap_recipe,
 }

@@ -180,6 +180,13 @@ class SAETrainConfig(StrictModel):
         description="Folder of pretrained sae-lens SAEs, one sub-folder per layer named 'layer_<l>' "
         "(cfg.json + sae_weights.safetensors); null trains them here.",
     )
+    import_archive: str | None = Field(
+        None,
+        description="Instead of SAEs and labels made here: the paper's released features archive (a folder with "
+        "features/layer_<l>.pkl, a [d x n_features] matrix per cached layer, and explanations/{train,test}_"
+        "explanations.pkl with {train,test}_layer_feature_idxs.pkl), read by a restricted unpickler; exemplars "
+        "are mined from this cache by each direction.",
+    )
     expansion: int = Field(8, gt=0, le=4096, description="d_sae = expansion x d_model.")
     k: int = Field(32, gt=0, le=MAX_BATCH, description="Active features per token (TopK SAE).")
     lr: float = Field(4e-4, gt=0, description="Adam learning rate.")
@@ -199,6 +206,8 @@ class SAETrainConfig(StrictModel):
             raise UserInputError("n_exemplars", f"{self.n_exemplars} is fewer than min_exemplars "
                                  f"({self.min_exemplars}), so no feature would be kept",
                                  f"keep at least {self.min_exemplars} exemplars, or lower min_exemplars")  # fmt: skip
+        if self.load_from and self.import_archive:
+            raise UserInputError("import_archive", "given with load_from", "give one source of features, or neither")
         return self
 
 
@@ -727,6 +736,27 @@ class ExplainRecipe(StrictModel):
         return self
 
 
+class BootstrapRecipe(StrictModel):
+    """Recipe of the bootstrap flow: a trained features explainer describes the SAE features that have no label
+    (auto-interp keeps only those with enough exemplars), and a seeded sample of them is scored, beside the
+    auto-interp route run on the same sample, with its cost measured in the same run."""
+
+    home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
+    explainer: str = Field("latest", min_length=1, description="Checkpoint: a key of the `explainers` table, a "
+                           "checkpoint folder, or 'latest' (the newest features explainer of `role`).")  # fmt: skip
+    role: str = Field("self", min_length=1, description="With explainer 'latest': the role to pick.")
+    held_out: bool = Field(False, description="Also describe the held-out (test) features, whose auto-interp "
+                           "labels then sit beside the explainer's in `feature_labels`.")  # fmt: skip
+    n_sample: int = Field(50, gt=1, le=100_000, description="Described features scored with the simulator (a "
+                          "seeded random sample of those with at least `min_contexts` exemplar contexts).")  # fmt: skip
+    min_contexts: int = Field(3, gt=0, le=10_000, description="Exemplar contexts a sampled feature needs (its "
+                              "simulator score is a correlation over them).")  # fmt: skip
+    shard_size: int = Field(256, gt=0, le=MAX_BATCH, description="Features described per shard: the unit of resume.")
+    simulator: str = Field("lexical", description="'lexical' or a model used as a prompted LM simulator, as in "
+                           "the features evaluation.")  # fmt: skip
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the scored sample.")
+
+
 RECIPES: dict[str, type[StrictModel]] = {
     "calibrate": CalibrateRecipe,
     "cache-activations": CacheRecipe,
@@ -735,6 +765,7 @@ RECIPES: dict[str, type[StrictModel]] = {
     "ablation": AblationRecipe,
     "experiment": ExperimentRecipe,
     "explain": ExplainRecipe,
+    "bootstrap": BootstrapRecipe,
 }
 
 

@@ -26,6 +26,7 @@ from storage.hashing import config_hash
 from storage.store import Dataset
 from tasks import alignment, models
 from tasks import explainer as ex
+from tasks import importers as imp
 from tasks import labels as lab
 from tasks.activations import CachePlan, activations_dataset, plan_cache
 from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig, check_roles
@@ -62,6 +63,8 @@ def check_recipe(recipe: FeaturesRecipe) -> CachePlan:
         raise UserInputError("explainers", "no explainer configured", "add at least one role, e.g. self")
     check_roles(recipe.eval, recipe.explainers)
     d_target = models.load_config(recipe.target).hidden_size
+    if recipe.sae.import_archive:  # every pickle read (restricted) and checked before anything is written
+        imp.read_feature_archive(recipe.sae.import_archive, recipe.cache.layers, d_target, "sae.import_archive")
     for role, cfg in recipe.explainers.items():
         try:
             models.resolve(cfg.model)
@@ -72,11 +75,14 @@ def check_recipe(recipe: FeaturesRecipe) -> CachePlan:
 
 
 def ground_truth_key(recipe: FeaturesRecipe, plan: CachePlan) -> str:
+    """The cache, the SAE and labelling configs and the split; an imported archive by its content."""
+    archive = recipe.sae.import_archive
     return config_hash(
         STAGE,
         STAGE_VERSION,
-        {"activations": plan.activations_key, "sae": recipe.sae, "labels": recipe.labels,
-         "test_per_layer": recipe.eval.test_per_layer},
+        {"activations": plan.activations_key, "sae": recipe.sae.model_dump(exclude={"import_archive"}),
+         "labels": recipe.labels, "test_per_layer": recipe.eval.test_per_layer,
+         **({"archive": imp.digest(archive)} if archive else {})},
     )  # fmt: skip
 
 
@@ -86,6 +92,8 @@ def build_ground_truth(recipe: FeaturesRecipe, plan: CachePlan, key: str) -> dic
     labels_ds = Dataset(root, "feature_labels", key)
     if labels_ds.is_complete():
         return labels_ds.summary()
+    if recipe.sae.import_archive:
+        return import_ground_truth(recipe, plan, key)
     acts = activations_dataset(plan)
     device = models.resolve_runtime(recipe.target).device
     saes = Dataset(root, "saes", key)
@@ -121,6 +129,62 @@ def build_ground_truth(recipe: FeaturesRecipe, plan: CachePlan, key: str) -> dic
     summary = {"labelled": labels.num_rows, "test": n_test, "train": labels.num_rows - n_test, "quality": quality}
     if n_test == 0:
         raise UserInputError("sae.min_exemplars", "no feature has enough exemplars to label", "cache more tokens")
+    labels_ds.mark_complete(summary)
+    return summary
+
+
+def import_ground_truth(recipe: FeaturesRecipe, plan: CachePlan, key: str) -> dict[str, Any]:
+    """The paper's features archive as this ground truth: its directions as `features`, its labels and split
+    as `feature_labels` (labeler 'imported'), and exemplars mined from this cache by each direction: the
+    `n_exemplars` contexts of largest max_t <h_t, v>, as LayerCache.top_contexts ranks them (a direction that
+    never fires positively still gets its best contexts, so every labelled feature can be scored)."""
+    root = Path(plan.home)
+    d = models.load_config(recipe.target).hidden_size
+    directions, labels = imp.read_feature_archive(recipe.sae.import_archive, recipe.cache.layers, d,
+                                                  "sae.import_archive")  # fmt: skip
+    info = {"stage": STAGE, "version": STAGE_VERSION, "imported_from": recipe.sae.import_archive}
+    feats, exemplars = Dataset(root, "features", key), Dataset(root, "exemplars", key)
+    for ds in (feats, exemplars):
+        ds.create(info)
+    k = recipe.sae.n_exemplars
+    for shard, layer in enumerate(recipe.cache.layers):
+        v = directions[layer]  # [n, d]
+        feats.write_shard(shard, pa.table({
+            "layer": pa.array(np.full(len(v), layer, dtype=np.int16)),
+            "feature_id": pa.array(np.arange(len(v), dtype=np.int32)),
+            "direction": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), d),
+        }))  # fmt: skip
+        cache, cols = (
+            LayerCache(plan, layer),
+            {c: [] for c in ("feature_id", "context_id", "max_value", "max_position", "rank")},
+        )
+        x = cache.x.astype(np.float32)  # [N, d], rows grouped by context
+        for lo in range(0, len(v), 256):  # features in chunks: [N, 256] floats at a time
+            dots = x @ v[lo : lo + 256].T  # [N, c]
+            best = np.maximum.reduceat(dots, cache.starts, axis=0)  # [n_contexts, c]
+            for j in range(dots.shape[1]):
+                for rank, ci in enumerate(np.argsort(-best[:, j], kind="stable")[:k], start=1):
+                    s, e = cache.starts[ci], (cache.starts[ci + 1] if ci + 1 < len(cache.starts) else len(x))
+                    cols["feature_id"].append(lo + j)
+                    cols["context_id"].append(int(cache.context_id[s]))
+                    cols["max_value"].append(float(best[ci, j]))
+                    cols["max_position"].append(int(cache.position[s + int(np.argmax(dots[s:e, j]))]))
+                    cols["rank"].append(rank)
+        exemplars.write_shard(shard, pa.table({"layer": pa.array(np.full(len(cols["rank"]), layer, dtype=np.int16)),
+                                               **{c: pa.array(vals) for c, vals in cols.items()}}))  # fmt: skip
+    for ds in (feats, exemplars):
+        ds.mark_complete({"layers": recipe.cache.layers})
+    table = pa.table({
+        "layer": pa.array([r[0] for r in labels], pa.int16()), "feature_id": pa.array([r[1] for r in labels], pa.int32()),
+        "label": pa.array([r[2] for r in labels]), "labeler": pa.array(["imported"] * len(labels)),
+        "split": pa.array([r[3] for r in labels]),
+    })  # fmt: skip
+    labels_ds = Dataset(root, "feature_labels", key)
+    labels_ds.create({**info, "labels": recipe.labels.model_dump()})
+    labels_ds.write_shard(0, table)
+    n_test = sum(r[3] == "test" for r in labels)
+    summary = {"labelled": len(labels), "test": n_test, "train": len(labels) - n_test, "quality": {},
+               "imported_from": recipe.sae.import_archive}  # fmt: skip
     labels_ds.mark_complete(summary)
     return summary
 
@@ -263,7 +327,8 @@ def train_explainer(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: 
         out, cfg, None if mode == "no_activation" else target.hidden_size, target.num_hidden_layers,
         lambda e: ex.feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), e.chat, cfg.seed, mode or "trained"),
         {"role": name, "gt": gt_key, "task": "features", "target": recipe.target.model_dump(),
-         "layers": recipe.cache.layers}, progress, ex.rotation_seed(cfg, mode),
+         "layers": recipe.cache.layers, "plan": plan.model_dump(exclude={"home"})}, progress,
+        ex.rotation_seed(cfg, mode),
         lambda e: fit_projection(e, cached(), ContextTexts(Path(plan.home), plan.tokens_key), cfg.fit_ridge,
                                  cfg.fit_rows, residual_inputs=False, seed=cfg.seed),
         lambda: residual_stats(cached(), residual_inputs=False),

@@ -191,12 +191,13 @@ def write_sae_layer(
     return {**metrics, "tokens": float(len(x)), "d_sae": float(d_sae)}
 
 
-def exemplars_sql(files: list[str], n_exemplars: int) -> str:
-    """Per (layer, feature): the top contexts by max activation, with the position of that max."""
+def exemplars_sql(files: list[str], n_exemplars: int, relation: str | None = None) -> str:
+    """Per (layer, feature): the top contexts by max activation, with the position of that max, over the
+    `feature_activations` shards `files` (or a SQL `relation` of the same columns)."""
     return f"""
         with per_context as (
             select layer, feature_id, context_id, max(value) as max_value, arg_max(position, value) as max_position
-            from read_parquet({files}) group by all
+            from {relation or f"read_parquet({files})"} group by all
         )
         select layer, feature_id, context_id, max_value, max_position,
                row_number() over (partition by layer, feature_id order by max_value desc, context_id) as rank

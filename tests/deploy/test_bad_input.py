@@ -8,12 +8,14 @@ expected line may name an input as {key} of the paths `_files` returns.
 import errno
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -27,6 +29,7 @@ from storage.errors import MAX_PART_CHARS, UserInputError
 from storage.store import Dataset
 from tasks.config import RECIPES
 from tests.tasks.test_config import ASKED
+from tests.tasks.test_importers import Payload, write_feature_archive
 
 TINY = ["--set", "model.name=tiny-llama", "--set", "model.autocast=none", "--set", "cache.layers=[1]"]
 TINY_FEATURES = ["--set", "target.name=tiny-llama", "--set", "cache.layers=[1]"]
@@ -102,6 +105,11 @@ def _files(tmp: Path) -> dict[str, str]:
                                          + "\n{broken\n")  # fmt: skip
     # 30 two-letter documents: 450 bytes of JSON lines (the bound) but 90 byte tokens (the exact count)
     (tmp / "many_short.jsonl").write_text((json.dumps({"text": "ab"}) + "\n") * 30)
+    # a features archive whose train explanations carry a callable (and a marker it would create)
+    write_feature_archive(tmp / "bomb_archive", {1: np.ones((4, 64), dtype=np.float32)},
+                          {"train": [(1, 0, "dogs")], "test": [(1, 1, "cats")]})  # fmt: skip
+    (tmp / "bomb_archive" / "explanations" / "train_explanations.pkl").write_bytes(
+        pickle.dumps([Payload(tmp / "bomb_ran")]))  # fmt: skip
     (tmp / "small_shards").mkdir()
     (tmp / "small_shards" / "a.txt").write_text("first shard ")
     (tmp / "small_shards" / "b.jsonl").write_text(json.dumps({"text": "second shard"}) + "\n")
@@ -122,7 +130,8 @@ def _files(tmp: Path) -> dict[str, str]:
         "shards": "shards", "corrupt_store": "corrupt_store", "folder_store": "folder_store",
         "file_store": "file_store", "small_txt": "small.txt", "small_parquet": "small.parquet",
         "few_facts": "few_facts.jsonl", "bad_facts": "bad_facts.jsonl", "bad_answer": "bad_answer.jsonl",
-        "small_shards": "small_shards", "many_short": "many_short.jsonl"}.items()}  # fmt: skip
+        "small_shards": "small_shards", "many_short": "many_short.jsonl", "bomb_archive": "bomb_archive",
+        "no_archive": "no_archive"}.items()}  # fmt: skip
 
 
 # (id, argv given the input paths f and the store s, the start of the one stderr line)
@@ -265,6 +274,18 @@ CASES = [
     ("n-tokens-beyond-a-folder", lambda f, s: ["run", "calibrate", *TINY_CALIBRATE, "--set", "cache.layers=[1]", "--set", f"corpus.source={f['small_shards']}", "--set", "corpus.context_length=8", "--home", s], "error: corpus.n_tokens: 100000 tokens asked but the corpus {small_shards} holds at most 40 (at most a token per byte of its 37 bytes)"),
     ("n-tokens-between-the-exact-count-and-the-bound", lambda f, s: ["run", "cache-activations", *TINY, "--set", f"corpus.source={f['many_short']}", "--set", "corpus.n_tokens=256", "--set", "corpus.context_length=8", "--home", s], "error: corpus.n_tokens: 256 tokens asked but the corpus {many_short} holds only 90; fix: lower corpus.n_tokens to at most 96, or add text"),
     ("n-tokens-between-the-exact-count-and-the-bound-in-features", lambda f, s: ["run", "features", *TINY_FEATURES, "--set", f"corpus.source={f['many_short']}", "--set", "corpus.n_tokens=384", "--home", s], "error: corpus.n_tokens: 384 tokens asked but the corpus {many_short} holds only 90; fix: add text, or shorten the contexts"),
+    ("explain-an-empty-store", lambda f, s: ["explain", "--home", s, "--text", "Paris", "--layer", "1"], "error: explainer: the store {store} holds no trained features explainer of role 'self'; fix: "),
+    ("explain-two-questions", lambda f, s: ["explain", "--home", s, "--text", "Paris", "--vector", "v.npy", "--layer", "1"], "error: recipe field 'text': text and vector to explain; fix: give exactly one of text, feature or vector"),
+    ("explain-nothing", lambda f, s: ["explain", "--home", s, "--layer", "1"], "error: recipe field 'text': nothing to explain; fix: "),
+    ("explain-text-without-a-layer", lambda f, s: ["explain", "--home", s, "--text", "Paris"], "error: recipe field 'layer': missing; fix: "),
+    ("explain-feature-not-layer-slash-id", lambda f, s: ["explain", "--home", s, "--feature", "3x"], "error: recipe field 'feature': string should match pattern"),
+    ("explain-position-not-an-index", lambda f, s: ["explain", "--home", s, "--text", "Paris", "--layer", "1", "--position", "last"], "error: --position: 'last' is not a token index or 'all'"),
+    ("explain-unknown-key", lambda f, s: ["explain", "--home", s, "--explainer", "abc123", "--text", "Paris", "--layer", "1"], "error: explainer: 'abc123' is neither a checkpoint key of the store {store} nor a checkpoint folder"),
+    ("bootstrap-an-empty-store", lambda f, s: ["run", "bootstrap", "--home", s], "error: explainer: the store {store} holds no trained features explainer of role 'self'; fix: "),
+    ("bootstrap-a-sample-of-one", lambda f, s: ["run", "bootstrap", "--set", "n_sample=1", "--home", s], "error: recipe field 'n_sample': input should be greater than 1"),
+    ("import-archive-missing", lambda f, s: ["run", "features", *TINY_FEATURES, "--set", f"sae.import_archive={f['no_archive']}", "--home", s], "error: sae.import_archive: {no_archive}/features/layer_1.pkl does not exist"),
+    ("import-archive-with-load-from", lambda f, s: ["run", "features", *TINY_FEATURES, "--set", f"sae.import_archive={f['no_archive']}", "--set", "sae.load_from=x", "--home", s], "error: recipe field 'sae.import_archive': given with load_from; fix: "),
+    ("import-archive-carrying-a-callable", lambda f, s: ["run", "features", *TINY_FEATURES, "--set", f"sae.import_archive={f['bomb_archive']}", "--home", s], "error: sae.import_archive: {bomb_archive}/explanations/train_explanations.pkl is refused: it names pathlib"),
     ("n-tokens-beyond-the-builtin-corpus", lambda f, s: ["run", "cache-activations", *TINY, "--set", "corpus.n_tokens=1000000000000", "--home", s], "error: corpus.n_tokens: 1000000000000 tokens asked but the corpus builtin:python-docs holds at most "),
     ("n-tokens-beyond-the-corpus-in-experiment", lambda f, s: ["run", "experiment", "--set", "target.name=tiny-llama", "--set", "tasks=[features]", "--set", "features.cache.layers=[1]", "--set", f"features.corpus.source={f['small_txt']}", "--home", s], "error: features.corpus.n_tokens: 100000 tokens asked but the corpus {small_txt} holds at most 128"),
     # a store root no run can use, from --home or the recipe, refused before anything is created
@@ -308,7 +329,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, case
     store = tmp_path / "store"
     assert main(argv(files, str(store))) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and err.startswith(expected.format(**files)) and "; fix: " in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(expected.format(**files, store=store)), err
+    assert "; fix: " in err, err
     assert len(err) < 3 * MAX_PART_CHARS + 20  # long values are cut, never printed whole
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no store, no catalog, nothing
 

@@ -72,7 +72,7 @@ def served(tmp_path_factory):
             env=env, cwd=Path(__file__).resolve().parents[2], stdout=open(logs / "serve.log", "w"),
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        _wait(lambda: len(_deployments(api)) >= 8, 120, "the deployments were not served")
+        _wait(lambda: len(_deployments(api)) >= 9, 120, "the deployments were not served")
         yield api, f"http://127.0.0.1:{port}", tmp / "store", env
     finally:
         for proc in (serve, server):
@@ -190,7 +190,7 @@ def test_a_bad_recipe_run_from_a_deployment_fails_at_once_in_one_line_and_writes
 def test_deployments_forms_schedule_and_parameter_validation(served):
     api, _, store, _ = served
     deps = _deployments(api)
-    assert {"cache-activations", "calibrate", "features", "patching", "ablation", "experiment", "explain",
+    assert {"cache-activations", "calibrate", "features", "patching", "ablation", "experiment", "explain", "bootstrap",
             "nightly-data-efficiency"} <= set(deps)  # fmt: skip
     nightly = deps["nightly-data-efficiency"]
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]

@@ -1,8 +1,12 @@
 from pathlib import Path
 
+import numpy as np
+
 from flows.features import features
 from storage.catalog import connect_read_only
 from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig
+from tasks.features import LayerCache, check_recipe
+from tests.tasks.test_importers import write_feature_archive
 
 
 def tiny_features_recipe(home: Path, corpus: Path) -> FeaturesRecipe:
@@ -90,3 +94,30 @@ def test_features_flow_fills_the_result_contract(tmp_path, text_file):
     assert again["results"]["run_id"] == result["results"]["run_id"]
     con = connect_read_only(tmp_path / "store")
     assert con.execute("select count(*) from runs").fetchone() == (1,)
+
+
+def test_features_flow_trains_on_an_imported_archive(tmp_path, text_file):
+    text_file.write_text(text_file.read_text() * 6)
+    rng = np.random.default_rng(0)
+    v = {layer: rng.normal(size=(40, 64)).astype(np.float32) for layer in (1, 3)}  # 40 directions per layer
+    write_feature_archive(tmp_path / "archive", v, {
+        "train": [(layer, i, f"concept {i % 5}") for layer in (1, 3) for i in range(30)],
+        "test": [(layer, i, f"concept {i % 5}") for layer in (1, 3) for i in range(30, 34)],
+    })  # fmt: skip
+    data = tiny_features_recipe(tmp_path / "store", text_file).model_dump()
+    data["sae"]["import_archive"] = str(tmp_path / "archive")
+    data["explainers"] = {"self": data["explainers"]["self"]}
+    data["eval"].update(prompt_ablations=[], rotated_basis_roles=[], selfie=False)
+    recipe = FeaturesRecipe.model_validate(data)
+    result = features(recipe)
+    assert {k: result["ground_truth"][k] for k in ("labelled", "train", "test")} == {"labelled": 68, "train": 60,
+                                                                                      "test": 8}  # fmt: skip
+    con = connect_read_only(tmp_path / "store")
+    assert con.execute("select distinct labeler from feature_labels").fetchall() == [("imported",)]
+    trained = con.execute("select n from metrics where method = 'trained' and metric = 'simulator_corr' and "
+                          "split = 'test'").fetchall()  # fmt: skip
+    assert trained == [(8,)]
+    # exemplars are mined from this cache by each imported direction, as LayerCache ranks contexts
+    mined = con.execute("select context_id from exemplars where layer = 3 and feature_id = 7 order by rank").fetchall()
+    cache = LayerCache(check_recipe(recipe), 3)
+    assert [c for (c,) in mined] == cache.top_contexts(v[3][7], recipe.sae.n_exemplars)

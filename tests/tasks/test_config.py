@@ -71,10 +71,11 @@ def test_shipped_recipes_validate(path):
         "demo": "experiment",
         "experiment": "experiment",
         "explain": "explain",
+        "bootstrap": "bootstrap",
     }[path.name.split("_")[0]]
     recipe = load_recipe(RECIPES[flow], path)
     assert isinstance(recipe, RECIPES[flow])
-    assert flow == "explain" or "smollm2-135m-instruct" in recipe.model_dump_json()  # explain: the checkpoint's
+    assert flow in ("explain", "bootstrap") or "smollm2-135m-instruct" in recipe.model_dump_json()  # the checkpoint's
 
 
 def test_every_config_field_is_documented():

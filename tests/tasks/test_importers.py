@@ -1,6 +1,8 @@
-"""Fixtures written from the public schemas in paper §4.4 and §5.2."""
+"""Fixtures written from the public schemas in paper §4.4 and §5.2, and the features archive's layout."""
 
 import json
+import pickle
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.errors import UserInputError
-from tasks.importers import import_act_patch, import_input_ablation
+from tasks.importers import import_act_patch, import_input_ablation, read_feature_archive
 
 ACT_PATCH_ROW = {
     "layer": [24, 25, 26, 27, 28, 29, 30, 31],
@@ -77,3 +79,63 @@ def test_importers_name_missing_columns_and_contradictions(tmp_path):
         import_input_ablation(wrong)
     with pytest.raises(UserInputError, match="does not exist"):
         import_input_ablation(tmp_path / "nope.parquet")
+
+
+def write_feature_archive(folder, directions: dict[int, np.ndarray], labels: dict[str, list[tuple]]) -> None:
+    """The released features archive's layout: features/layer_{L}.pkl ([d x n]); per split the explanations
+    (((layer, idx), label dict)) and the (layer, idx) list."""
+    (folder / "features").mkdir(parents=True)
+    (folder / "explanations").mkdir()
+    for layer, v in directions.items():  # v: [n, d]
+        (folder / "features" / f"layer_{layer}.pkl").write_bytes(pickle.dumps(np.ascontiguousarray(v.T)))
+    for split, rows in labels.items():
+        entries = [((layer, idx), {"chosen_label": label, "all_labels": [label, "other"],
+                                   "all_label_scores": [0.9, 0.1], "context": ["some", "tokens"]})
+                   for layer, idx, label in rows]  # fmt: skip
+        (folder / "explanations" / f"{split}_explanations.pkl").write_bytes(pickle.dumps(entries))
+        idxs = [(layer, idx) for layer, idx, _ in rows]
+        (folder / "explanations" / f"{split}_layer_feature_idxs.pkl").write_bytes(pickle.dumps(idxs))
+
+
+def test_the_features_archive_round_trips(tmp_path):
+    v = {2: np.arange(12, dtype=np.float32).reshape(3, 4), 5: -np.ones((2, 4), dtype=np.float32)}
+    write_feature_archive(tmp_path / "a", v, {"train": [(2, 0, "dogs"), (2, 2, "cats"), (9, 0, "an uncached layer")],
+                                             "test": [(5, 1, "numbers")]})  # fmt: skip
+    directions, labels = read_feature_archive(tmp_path / "a", [2, 5], 4, "sae.import_archive")
+    np.testing.assert_array_equal(directions[2], v[2])  # a direction per row again
+    np.testing.assert_array_equal(directions[5], v[5])
+    assert labels == [(2, 0, "dogs", "train"), (2, 2, "cats", "train"), (5, 1, "numbers", "test")]
+    with pytest.raises(
+        UserInputError, match=r"layer_2.pkl holds no finite \[8 x n_features\] matrix \(shape \[4, 3\]\)"
+    ):
+        read_feature_archive(tmp_path / "a", [2, 5], 8, "sae.import_archive")
+    with pytest.raises(UserInputError, match=r"^sae.import_archive: .*layer_7.pkl does not exist"):
+        read_feature_archive(tmp_path / "a", [2, 7], 4, "sae.import_archive")
+
+
+class Payload:
+    """What an attacker's pickle carries: a __reduce__ that calls a function at load time."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("where", ["features", "explanations", "idxs"])
+def test_a_pickle_carrying_a_callable_is_refused_and_nothing_runs(tmp_path, where):
+    write_feature_archive(tmp_path / "a", {2: np.ones((2, 4), dtype=np.float32)},
+                          {"train": [(2, 0, "dogs")], "test": [(2, 1, "cats")]})  # fmt: skip
+    marker = tmp_path / "ran"
+    bomb = pickle.dumps([Payload(marker)])
+    target = {"features": "features/layer_2.pkl", "explanations": "explanations/train_explanations.pkl",
+              "idxs": "explanations/test_layer_feature_idxs.pkl"}[where]  # fmt: skip
+    (tmp_path / "a" / target).write_bytes(bomb)
+    with pytest.raises(UserInputError) as err:
+        read_feature_archive(tmp_path / "a", [2], 4, "sae.import_archive")
+    assert str(err.value).startswith(f"sae.import_archive: {tmp_path / 'a' / target} is refused: it names pathlib")
+    assert not marker.exists()  # the callable never ran
+    (tmp_path / "a" / target).write_bytes(b"not a pickle at all")
+    with pytest.raises(UserInputError, match="is not a readable pickle"):
+        read_feature_archive(tmp_path / "a", [2], 4, "sae.import_archive")
