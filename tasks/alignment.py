@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tasks import explainer as ex
+from tasks.activations import residual_stream
 from tasks.corpus import context_start_id
 from tasks.simulate import mean_se
 
@@ -33,18 +34,17 @@ def pair_tokens(target_pieces: Sequence[str], explainer_ends: Sequence[int]) -> 
 
 @torch.inference_mode()
 def explainer_states(explainer: ex.Explainer, text: str) -> tuple[torch.Tensor, list[int]]:
-    """(hidden [n_layers + 1, T', d_E] float32, character end of each of the T' tokens) of the explainer on
-    `text`, behind the token its contexts start with (as the target's do; its end -1 pairs with nothing)."""
+    """(block outputs [n_layers, T', d_E] float32, character end of each of the T' tokens) of the explainer
+    on `text`, behind the token its contexts start with (as the target's do; its end -1 pairs with nothing).
+    Block outputs, as the target's cache holds them (HF's last hidden state is after the final norm). The
+    adapters of a LoRA explainer sit inside its base model's modules, so the base model runs them."""
     tok = explainer.tokenizer
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = [context_start_id(tok), *enc["input_ids"]]
     ends = [-1, *(e for _, e in enc["offset_mapping"])]
-    x = torch.tensor([ids], device=explainer.lm.runtime.device)
-    with explainer.lm.runtime.autocast_context():
-        hidden = explainer.model(
-            input_ids=x, output_hidden_states=True, use_cache=False, logits_to_keep=1
-        ).hidden_states
-    return torch.stack([h[0].float() for h in hidden]).cpu(), ends
+    n = explainer.lm.n_layers
+    blocks = residual_stream(explainer.lm, torch.tensor([ids]), list(range(n)))  # {layer: [1, T', d_E]}
+    return torch.stack([blocks[layer][0].float() for layer in range(n)]).cpu(), ends
 
 
 def similarities(
@@ -79,7 +79,7 @@ def similarities(
         row = {int(p): i for i, p in enumerate(positions)}
         hidden, pairs = states[context]
         keep = [(row[t], j) for t, j in pairs if t in row]
-        h_e = hidden[ex.explainer_layer(layer, explainer.n_target_layers, n_e) + 1]  # hidden[0]: the embeddings
+        h_e = hidden[ex.explainer_layer(layer, explainer.n_target_layers, n_e)]
         return torch.from_numpy(h_m[[i for i, _ in keep]].astype(np.float32)), h_e[[j for _, j in keep]]
 
     # Every (layer, context) pairing once: the cosines use them all, the correlations look theirs up.

@@ -23,6 +23,7 @@ import torch
 from storage.errors import UserInputError
 from storage.store import Dataset, store_root
 from tasks import models
+from tasks.activations import residual_stream
 from tasks.config import PatchingConfig, PatchingRecipe
 from tasks.facts import Fact, load_facts
 from tasks.importers import ground_truth_key, import_act_patch, imported_or
@@ -30,7 +31,8 @@ from tasks.models import LoadedModel, decoder_layers
 from tasks.orchestration import progress_reporter, stage_task
 
 STAGE = "patching_gt"
-STAGE_VERSION = 2  # 2: the sweep shares the clean prefix (bf16 rounding of labels may differ from 1)
+STAGE_VERSION = 3  # 2: the sweep shares the clean prefix (bf16 rounding of labels may differ from 1); 3: the
+# last chunk's v is the mean of block outputs (2 took the last block's after the final norm)
 SYSTEM_PROMPT = "You are a helpful assistant. Answer with one of the offered options."
 WORKED_EXAMPLE = ("The chemical symbol of gold is", ["Ag", "Au", "Fe", "Pb", "Cu"], "Au")
 
@@ -175,13 +177,11 @@ class _Patch:
             h.remove()
 
 
-@torch.inference_mode()
 def all_layers(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
-    """Residual stream after every block: [n_layers, T, d]."""
-    x = torch.tensor([ids], device=lm.runtime.device)
-    with lm.runtime.autocast_context():
-        hidden = lm.model(input_ids=x, output_hidden_states=True, logits_to_keep=1).hidden_states
-    return torch.stack([h[0].float() for h in hidden[1:]])
+    """Residual stream after every block, [n_layers, T, d]: the blocks' outputs, where a patch writes (HF's
+    last hidden state is after the final norm, which would put a normed vector into the last chunk's v)."""
+    out = residual_stream(lm, torch.tensor([ids]), list(range(lm.n_layers)))  # {layer: [1, T, d]}
+    return torch.stack([out[layer][0].float() for layer in range(lm.n_layers)])
 
 
 @torch.inference_mode()

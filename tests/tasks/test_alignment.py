@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from tasks import models
+from tasks.activations import residual_stream
 from tasks.alignment import pair_tokens, similarities
 from tasks.config import ExplainerConfig, ModelConfig
 from tasks.corpus import context_start_id
@@ -28,10 +29,8 @@ def _target_states(name: str):
     lm = models.load(ModelConfig(name=name, autocast="none"))
     ids = {c: [context_start_id(lm.tokenizer), *lm.tokenizer(t, add_special_tokens=False)["input_ids"]]
            for c, t in enumerate(TEXTS)}  # fmt: skip
-    hidden = {}
-    with torch.no_grad():
-        for c, row in ids.items():
-            hidden[c] = lm.model(input_ids=torch.tensor([row]), output_hidden_states=True).hidden_states[1:]
+    # block outputs, as the cache stores them (HF's last hidden_states entry is after the final norm)
+    hidden = {c: residual_stream(lm, torch.tensor([row]), [0, 1, 2, 3]) for c, row in ids.items()}
 
     def pieces(c: int) -> list[str]:
         return [lm.tokenizer.decode([i]) for i in ids[c]]
