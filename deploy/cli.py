@@ -212,7 +212,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from tasks import explain
     from tasks.config import ExplainRecipe, as_recipe
 
-    fields = ("home", "explainer", "role", "text", "position", "layer", "feature", "vector", "target")
+    fields = ("home", "explainer", "role", "text", "position", "layer", "feature", "vector", "target",
+              "counterfactual_text", "counterfactual_position", "chunk", "check")  # fmt: skip
     recipe = as_recipe(ExplainRecipe, {f: getattr(args, f) for f in fields if getattr(args, f) is not None})
     rows = explain.run(recipe)
     print_rows(list(rows[0]), [tuple(r.values()) for r in rows], args.format)
@@ -288,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--home", help="store root (default: $SELFEXPLAIN_HOME or ./.selfexplain)")
     rep.set_defaults(func=cmd_report)
 
-    exp = sub.add_parser("explain", help="ask a trained features explainer about a text, an SAE feature or a vector")
+    exp = sub.add_parser("explain", help="ask a trained explainer about a text, an SAE feature, a vector or a patch")
     exp.add_argument("--explainer",
                      help="checkpoint: a key of the `explainers` table, a checkpoint folder, or 'latest' (default)")  # fmt: skip
     exp.add_argument("--role", help="with 'latest': the explainer role (default self)")
@@ -299,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--feature", metavar="LAYER/ID", help="an SAE feature of its ground truth, e.g. 3/117")
     exp.add_argument("--vector", help="a .npy file holding one vector of the target's width (read as a direction)")
     exp.add_argument("--target", help="target model for --text (default: the one the checkpoint records)")
+    exp.add_argument("--counterfactual-text", dest="counterfactual_text",
+                     help="patching: the text x' whose chunk-mean residual replaces --text's at --position")  # fmt: skip
+    exp.add_argument("--counterfactual-position", dest="counterfactual_position", type=int,
+                     help="patching: the token of x' (default: the index of --position)")  # fmt: skip
+    exp.add_argument("--chunk", type=int, help="patching: the index of the layer chunk patched")
+    exp.add_argument("--check", action="store_true", help="patching: also show the patch's real outcome")
     exp.add_argument("--format", choices=["table", "csv", "json"], default="table")
     exp.add_argument("--home", help="store root (default: $SELFEXPLAIN_HOME or ./.selfexplain)")
     exp.set_defaults(func=cmd_explain)

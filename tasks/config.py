@@ -705,7 +705,8 @@ class CalibrateRecipe(_CachedRecipe):
 
 class ExplainRecipe(StrictModel):
     """Recipe of the explain flow (and `selfexplain explain`): ask a trained features explainer about a text's
-    residual, an SAE feature of its ground truth, or any vector. Exactly one of text, feature, vector."""
+    residual, an SAE feature of its ground truth, or any vector (exactly one of text, feature, vector); or,
+    with `counterfactual_text` and `chunk`, ask a trained patching explainer what a patch would do."""
 
     home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
     explainer: str = Field("latest", min_length=1, description="Checkpoint: a key of the `explainers` table (its "
@@ -724,6 +725,17 @@ class ExplainRecipe(StrictModel):
     vector: str | None = Field(None, description="A .npy file holding one vector of the target's width (read "
                                "as a direction, like an SAE feature), at `layer`.")  # fmt: skip
     target: str | None = Field(None, description="Target model for `text` (null: the one the checkpoint records).")
+    counterfactual_text: str | None = Field(None, max_length=100_000, description="Patching: the text x' whose "
+                                            "residual at `counterfactual_position`, averaged over the chunk's "
+                                            "layers, replaces x's (`text`) at `position` in every chunk layer.")  # fmt: skip
+    counterfactual_position: Annotated[int, Field(ge=-MAX_LENGTH, lt=MAX_LENGTH)] | None = Field(
+        None,
+        description="Patching: the token of x' (null: the same index as `position`; a negative index "
+        "aligns the two texts' ends).",
+    )
+    chunk: int | None = Field(None, ge=0, lt=MAX_LAYERS, description="Patching: the index of the layer chunk "
+                              "patched (the chunks of the explainer's ground truth).")  # fmt: skip
+    check: bool = Field(False, description="Patching: also run the patch on the target and show its real outcome.")
 
     @model_validator(mode="after")
     def _one_question(self) -> "ExplainRecipe":
@@ -731,7 +743,19 @@ class ExplainRecipe(StrictModel):
         if len(asked) != 1:
             raise UserInputError("text", f"{' and '.join(asked) or 'nothing'} to explain",
                                  "give exactly one of text, feature or vector")  # fmt: skip
-        if self.layer is None and self.feature is None:
+        patching = self.counterfactual_text is not None
+        if patching and self.text is None:
+            raise UserInputError("counterfactual_text", "given without text", "give the text x it patches")
+        if patching != (self.chunk is not None):
+            raise UserInputError("chunk" if patching else "counterfactual_text", "missing",
+                                 "a patching question names both counterfactual_text and chunk")  # fmt: skip
+        if not patching and (self.check or self.counterfactual_position is not None):
+            raise UserInputError("check" if self.check else "counterfactual_position", "only a patching question "
+                                 "takes it", "give counterfactual_text and chunk too")  # fmt: skip
+        if patching and (self.layer is not None or self.position == "all"):
+            raise UserInputError("layer" if self.layer is not None else "position", "a patching question "
+                                 "names a chunk and one position", "drop layer; give one position")  # fmt: skip
+        if self.layer is None and self.feature is None and not patching:
             raise UserInputError("layer", "missing", "name the target layer of the residual or the vector")
         return self
 

@@ -1,4 +1,4 @@
-"""Explain on demand: ask a trained feature-description explainer about something new.
+"""Explain on demand: ask a trained explainer about something new.
 
 Three things can be asked about, each at a target layer the explainer was trained on:
 - a text: the target runs on it exactly as the activation cache did (the context-start token, then the text's
@@ -8,8 +8,11 @@ Three things can be asked about, each at a target layer the explainer was traine
 - an SAE feature of the explainer's own ground truth (its decoder direction, as in training);
 - any vector of the target's width (as given: a direction, like an SAE feature).
 
+And a trained patching explainer: what replacing x's residual at a position, over a chunk of layers, by the
+chunk-mean residual of x' would do to the next token (with `check`, beside the real outcome on the target).
+
 A checkpoint is named by its key (the `dataset` column of the `explainers` table), by its folder, or as
-"latest": the newest complete features explainer of a role in the store.
+"latest": the newest complete explainer of the task and role in the store.
 """
 
 import json
@@ -63,19 +66,21 @@ class Checkpoint:
         return ModelConfig.model_validate(self.meta["target"])
 
 
-def find_checkpoint(home: str | Path | None, ref: str = LATEST, role: str = "self") -> Checkpoint:
-    """The features explainer `ref` names: a key of the `explainers` table, a checkpoint folder (or the
-    dataset folder above it), or 'latest' (the newest complete features explainer of `role` in the store)."""
+def find_checkpoint(
+    home: str | Path | None, ref: str = LATEST, role: str = "self", task: str = "features"
+) -> Checkpoint:
+    """The `task` explainer `ref` names: a key of the `explainers` table, a checkpoint folder (or the dataset
+    folder above it), or 'latest' (the newest complete `task` explainer of `role` in the store)."""
     root = check_store(home, "point --home (or $SELFEXPLAIN_HOME) at the store the explainer was trained in")
     if ref == LATEST:
         found = []
         for marker in (root / "tables" / "explainers").glob("*/_COMPLETE.json"):
             ck = _checkpoint(root, marker.parent.name, marker.parent / "checkpoint")
-            if ck is not None and ck.task == "features" and ck.meta.get("role") == role:
+            if ck is not None and ck.task == task and ck.meta.get("role") == role and _plain(ck):
                 found.append((json.loads(marker.read_text()).get("completed_at", 0.0), ck.key, ck))
         if not found:
-            raise UserInputError("explainer", f"the store {root} holds no trained features explainer of role "
-                                 f"{role!r}", "run the features flow (or `make demo`) first, or pick another role")  # fmt: skip
+            raise UserInputError("explainer", f"the store {root} holds no trained {task} explainer of role "
+                                 f"{role!r}", f"run the {task} flow (or `make demo`) first, or pick another role")  # fmt: skip
         return max(found, key=lambda f: (f[0], f[1]))[2]
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -87,9 +92,15 @@ def find_checkpoint(home: str | Path | None, ref: str = LATEST, role: str = "sel
         raise UserInputError("explainer", f"{ref!r} is neither a checkpoint key of the store {root} nor a "
                              "checkpoint folder", "pick a key from `selfexplain sql \"select distinct dataset, "
                              "role from explainers\"`, or pass 'latest'")  # fmt: skip
-    if ck.task != "features":
-        raise UserInputError("explainer", f"{ref!r} is a {ck.task} explainer", "name a features explainer")
+    if ck.task != task:
+        raise UserInputError("explainer", f"{ref!r} is a {ck.task} explainer", f"name a {task} explainer")
     return ck
+
+
+def _plain(ck: Checkpoint) -> bool:
+    """Not a control's or a prompt ablation's twin: 'latest' picks the explainer a user means."""
+    role = str(ck.meta.get("role", ""))
+    return "/" not in role and ck.meta.get("variant", "trained") == "trained"
 
 
 def _checkpoint(root: Path, key: str, folder: Path) -> Checkpoint | None:
@@ -244,9 +255,74 @@ def _checked_vector(ck: Checkpoint, vector: np.ndarray, layer: int) -> np.ndarra
     return v
 
 
+# -- patching: what would replacing x's residual at a position, over a chunk of layers, do? --------------
+
+
+def chunks_of(ck: Checkpoint, root: Path) -> list[list[int]]:
+    """The layer chunks of a patching explainer's ground truth, in order (read from its rows)."""
+    gt = Dataset(root, "patching_gt", str(ck.meta.get("gt", "")))
+    if not gt.marked_complete():
+        raise UserInputError("explainer", f"its patching ground truth ({gt.key}) is not in the store {root}",
+                             "point --home at the store it was trained in")  # fmt: skip
+    rows = duckdb.connect().execute(f"select distinct layer from read_parquet({[str(p) for p in gt.shard_files()]})")
+    return sorted((list(r[0]) for r in rows.fetchall()), key=lambda c: c[0])
+
+
+def _patch_site(ck: Checkpoint, root: Path, recipe: ExplainRecipe) -> tuple[list[int], list[int], list[int], int, int]:
+    """(chunk layers, ids of x, ids of x', t, t'), every index checked against the texts' tokens."""
+    chunks = chunks_of(ck, root)
+    if recipe.chunk >= len(chunks):
+        raise UserInputError("chunk", f"{recipe.chunk} is not a chunk of this explainer ({len(chunks)}: "
+                             f"{chunks})", f"use 0 to {len(chunks) - 1}")  # fmt: skip
+    tok = models.load_tokenizer(ck.target(recipe.target))
+    ids = {name: tok(getattr(recipe, name), add_special_tokens=False)["input_ids"]
+           for name in ("text", "counterfactual_text")}  # fmt: skip
+    t_p = recipe.position if recipe.counterfactual_position is None else recipe.counterfactual_position
+    at = {}
+    for name, index, field in (("text", recipe.position, "position"), ("counterfactual_text", t_p,
+                                                                          "counterfactual_position")):  # fmt: skip
+        n = len(ids[name])
+        if not -n <= int(index) < n:
+            raise UserInputError(field, f"{index} is outside the {n} tokens of {name}", f"use -{n} to {n - 1}")
+        at[name] = int(index) % n
+    return chunks[recipe.chunk], ids["text"], ids["counterfactual_text"], at["text"], at["counterfactual_text"]
+
+
+def explain_patch(ck: Checkpoint, recipe: ExplainRecipe) -> list[dict[str, Any]]:
+    """One row: the patching explainer's predicted outcome of patching x (`text`) at `position` with the
+    chunk-mean residual of x' at `counterfactual_position` (v exactly as the sweep computes it), and with
+    `check` the real outcome of that patch on the target beside it."""
+    from tasks import outcomes
+    from tasks.patching import all_layers, next_tokens
+
+    root = store_root(recipe.home)
+    layers, ids, ids_p, t, t_p = _patch_site(ck, root, recipe)
+    lm = models.load(ck.target(recipe.target))
+    v = all_layers(lm, ids_p)[layers, t_p].mean(0)  # [d]: mean over the chunk of h_l(x')[t']
+    tok = lm.tokenizer
+    decode = lambda i: tok.decode([i])  # noqa: E731
+    row = {"pair_id": "asked", "chunk": recipe.chunk, "orig_pos": t, "layer": layers, "input_text": recipe.text,
+           "orig_text_token": decode(ids[t]), "intervention_vector": v.cpu().numpy()}  # fmt: skip
+    out = {"chunk": recipe.chunk, "layers": f"{layers[0]}-{layers[-1]}", "position": t, "token": decode(ids[t]),
+           "counterfactual_token": decode(ids_p[t_p])}  # fmt: skip
+    if recipe.check:
+        clean = next_tokens(lm, ids, None, 1)[0]
+        patched = next_tokens(lm, ids, [(layers, t, v)], 1)[0]
+        out["real_outcome"] = outcomes.target(patched != clean, decode(patched))
+    del lm
+    explainer = ex.Explainer.load(ck.path)
+    (query,) = outcomes.queries("patching", [row], "trained", explainer.cfg.seed, with_answer=False)
+    out["explanation"] = explainer.generate([query], explainer.cfg.max_new_tokens, 1)[0]
+    return [out]
+
+
 def check_recipe(recipe: ExplainRecipe) -> Checkpoint:
     """Everything a question can get wrong, before a model loads: the checkpoint, the layer, the text's
     position (with the target's tokenizer), the feature, the vector file and its width."""
+    if recipe.counterfactual_text is not None:
+        ck = find_checkpoint(recipe.home, recipe.explainer, recipe.role, task="patching")
+        _patch_site(ck, store_root(recipe.home), recipe)
+        return ck
     ck = find_checkpoint(recipe.home, recipe.explainer, recipe.role)
     if recipe.text is not None:
         _check_layer(ck, recipe.layer)
@@ -261,6 +337,8 @@ def check_recipe(recipe: ExplainRecipe) -> Checkpoint:
 def run(recipe: ExplainRecipe) -> list[dict[str, Any]]:
     """The explanation rows `recipe` asks for (see the module docstring)."""
     ck = check_recipe(recipe)
+    if recipe.counterfactual_text is not None:
+        return explain_patch(ck, recipe)
     if recipe.text is not None:
         return explain_text(ck, recipe.text, recipe.layer, recipe.position, recipe.target)
     if recipe.feature is not None:

@@ -222,7 +222,7 @@ def train_outcome_explainer(recipe: OutcomeRecipe, role: str, variant: str, prog
         return kept
 
     d_target, n_layers = target_dims(task, gt)
-    meta = {"role": role, "variant": variant, "task": task, "gt": gt.key}
+    meta = {"role": role, "variant": variant, "task": task, "gt": gt.key, "target": recipe.target.model_dump()}
     stats = (lambda: vector_stats(gt)) if task == "patching" else None
     summary = ex.train_to_checkpoint(out, cfg, d_target, n_layers, make_queries, meta, progress,
                                      ex.rotation_seed(cfg, variant), stats=stats)  # fmt: skip

@@ -9,7 +9,7 @@ from deploy.cli import main
 from storage.errors import UserInputError
 from storage.store import Dataset
 from tasks import explain, models
-from tasks.config import ModelConfig
+from tasks.config import ExplainRecipe, ModelConfig
 from tasks.projection import LayerStats
 from tests.tasks.test_explainer import make_explainer
 
@@ -156,3 +156,72 @@ def test_the_cli_prints_the_explanations_as_a_table_csv_or_json(home, tmp_path, 
     assert capsys.readouterr().err == (
         "error: recipe field 'text': text and vector to explain; fix: give exactly one of text, feature or vector\n"
     )
+
+
+def _patched_next(ids: list[int], layers: list[int], t: int, v: torch.Tensor | None) -> int:
+    """Greedy next token of ids with h[t] pinned to v after every block of `layers` (None: clean)."""
+    lm = models.load(TARGET)
+
+    def pin(module, args, out):
+        h = (out[0] if isinstance(out, tuple) else out).clone()
+        h[0, t] = v
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    hooks = [lm.model.model.layers[ell].register_forward_hook(pin) for ell in layers] if v is not None else []
+    with torch.no_grad():
+        token = int(lm.model(torch.tensor([ids])).logits[0, -1].argmax())
+    for h in hooks:
+        h.remove()
+    return token
+
+
+def test_a_patch_question_hands_the_explainer_the_sweeps_vector_and_checks_the_real_outcome(home, monkeypatch):
+    save_checkpoint(home, "pk", task="patching", gt="p0", variant="trained")
+    gt = Dataset(home, "patching_gt", "p0")
+    gt.create({})
+    gt.write_shard(0, pa.table({"layer": [[2, 3], [0, 1], [0, 1]]}))  # the ground truth's chunks, in any order
+    gt.mark_complete({})
+    asked = []
+
+    def generate(self, queries, max_new_tokens, batch_size):
+        asked.extend(queries)
+        return ["The most likely output would remain <<<x>>>."]
+
+    monkeypatch.setattr(explain.ex.Explainer, "generate", generate)
+    recipe = ExplainRecipe(home=str(home), explainer="pk", text="Rome is in", counterfactual_text="Oslo is in",
+                           position=3, chunk=1, check=True)  # fmt: skip
+    (row,) = explain.run(recipe)
+    ids_p = models.load(TARGET).tokenizer("Oslo is in", add_special_tokens=False)["input_ids"]
+    v = (_block_outputs(ids_p, 2)[3] + _block_outputs(ids_p, 3)[3]) / 2  # mean over chunk 1 (layers 2, 3) at t' = 3
+    (query,) = asked
+    np.testing.assert_allclose(query.vector, v.numpy(), atol=1e-5)
+    assert query.layer == 2 and "Rome is in" in query.text and "<e>" in query.text  # x's token at t = 3 is "e"
+    ids = models.load(TARGET).tokenizer("Rome is in", add_special_tokens=False)["input_ids"]
+    clean, patched = _patched_next(ids, [2, 3], 3, None), _patched_next(ids, [2, 3], 3, v)
+    tok = models.load(TARGET).tokenizer
+    expected = (f"The most likely output would change to <<<{tok.decode([patched])}>>>." if patched != clean
+                else f"The output would remain unchanged from <<<{tok.decode([patched])}>>>.")  # fmt: skip
+    assert row == {"chunk": 1, "layers": "2-3", "position": 3, "token": "e", "counterfactual_token": "o",
+                   "real_outcome": expected, "explanation": "The most likely output would remain <<<x>>>."}  # fmt: skip
+    with pytest.raises(
+        UserInputError, match=r"^chunk: 2 is not a chunk of this explainer \(2: \[\[0, 1\], \[2, 3\]\]\)"
+    ):
+        explain.run(recipe.model_copy(update={"chunk": 2}))
+    with pytest.raises(UserInputError, match=r"^counterfactual_position: 20 is outside the 10 tokens"):
+        explain.run(recipe.model_copy(update={"counterfactual_position": 20}))
+    with pytest.raises(UserInputError, match=r"^explainer: 'k1' is a features explainer"):
+        save_checkpoint(home, "k1")
+        explain.run(recipe.model_copy(update={"explainer": "k1"}))
+
+
+def _block_outputs(ids: list[int], layer: int) -> torch.Tensor:
+    """[T, d]: the output of block `layer` over ids (no BOS: a patching text is run as it is given)."""
+    lm = models.load(TARGET)
+    seen = []
+    hook = lm.model.model.layers[layer].register_forward_hook(
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        lm.model(torch.tensor([ids]))
+    hook.remove()
+    return seen[0][0]
