@@ -45,18 +45,9 @@ def asked(monkeypatch):
 
 
 def _residuals(text: str, layer: int) -> np.ndarray:
-    """[T, d]: the output of decoder block `layer` over BOS + text, without the BOS row (the cache's convention;
-    HF's last hidden_states entry is after the final norm, so a hook reads the block itself)."""
-    lm = models.load(TARGET)
-    ids = [lm.tokenizer.bos_token_id, *lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
-    seen = []
-    hook = lm.model.model.layers[layer].register_forward_hook(
-        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)
-    )
-    with torch.no_grad():
-        lm.model(torch.tensor([ids]))
-    hook.remove()
-    return seen[0][0, 1:].numpy()
+    """[T, d]: block `layer`'s output over BOS + text, without the BOS row (the cache's convention)."""
+    tok = models.load(TARGET).tokenizer
+    return _block_outputs([tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]], layer)[1:].numpy()
 
 
 def test_a_texts_residual_reaches_the_explainer_centred_by_the_layer_mean(home, asked):
@@ -215,7 +206,8 @@ def test_a_patch_question_hands_the_explainer_the_sweeps_vector_and_checks_the_r
 
 
 def _block_outputs(ids: list[int], layer: int) -> torch.Tensor:
-    """[T, d]: the output of block `layer` over ids (no BOS: a patching text is run as it is given)."""
+    """[T, d]: the output of decoder block `layer` over ids, read by a hook on the block itself (HF's last
+    hidden_states entry is after the final norm)."""
     lm = models.load(TARGET)
     seen = []
     hook = lm.model.model.layers[layer].register_forward_hook(
