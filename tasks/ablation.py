@@ -11,7 +11,7 @@ letter, "Answer:" pre-filled. The target's answer is read by `ablation.answer_fo
                      per token: the answer read from what the model would say.
 
 The greedy token over the whole vocabulary is recorded too, so the rate of answers outside A-D is visible.
-changed = the two answers differ. Split by question (R15).
+changed = the two answers differ. Split by question (METHOD §5.3).
 """
 
 import random
@@ -146,7 +146,7 @@ def choose(scores: np.ndarray, prior: np.ndarray) -> list[str]:
 
 
 def split_questions(n: int, cfg: AblationConfig) -> tuple[set[int], random.Random]:
-    """The test questions (split by question, R15) and the generator that then draws the hint letters."""
+    """The test questions (split by question, METHOD §5.3) and the generator that then draws the hint letters."""
     rng = random.Random(cfg.seed)
     order = list(range(n))
     rng.shuffle(order)

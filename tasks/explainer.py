@@ -6,8 +6,8 @@ Q a fixed random orthogonal matrix) and enters at the payload token ``[v]`` in o
 
 - 'embedding' (the paper): u *replaces* the payload's input embedding (with projection 'fitted', Π_ℓ is fitted
   without labels into the explainer's embedding space first: tasks/projection.py). The replacement builds a new tensor with
-  torch.where, so it cannot be lost to an out-of-place op whose result is discarded (paper R7, R9). What
-  enters block 0 is u (R10): Gemma multiplies token embeddings by √d inside its embedding module, and
+  torch.where, so it cannot be lost to an out-of-place op whose result is discarded (docs/METHOD.md §4.1, §4.3). What
+  enters block 0 is u (METHOD §4.4): Gemma multiplies token embeddings by √d inside its embedding module, and
   inputs_embeds bypass that module, so u is not scaled again. With vector_norm 'match' u is rescaled to the
   mean norm of the embedding module's outputs.
 - 'residual': u replaces the residual stream at the payload after block ℓ (SelfIE and Patchscopes inject inside
@@ -19,9 +19,9 @@ Q a fixed random orthogonal matrix) and enters at the payload token ``[v]`` in o
 Under the last two a forward hook writes u during the forward that holds the payload; decoding reads it from
 the KV cache like any other position.
 
-Loss (R1-R4): prompt and answer are tokenised separately and concatenated; labels are -100 on the prompt;
+Loss (docs/METHOD.md §3.1-§3.4): prompt and answer are tokenised separately and concatenated; labels are -100 on the prompt;
 the answer ends with EOS (end of turn for chat explainers), which is trained on; the loss is the mean
-cross-entropy over answer tokens. Base templates end in a space: we move it onto the answer (R2), so the
+cross-entropy over answer tokens. Base templates end in a space: we move it onto the answer (METHOD §3.2), so the
 generation prefix equals the training prefix token for token.
 """
 
@@ -100,7 +100,7 @@ def feature_queries(
     seed: int,
     mode: str = "trained",
 ) -> list[Query]:
-    """Feature-description queries, one template drawn per example with a seeded RNG (R5). mode 'no_layer'
+    """Feature-description queries, one template drawn per example with a seeded RNG (METHOD §3.5). mode 'no_layer'
     drops the layer phrase; 'no_activation' puts "this feature" in place of the placeholder, so the query
     carries no vector; any other mode ('trained', 'rotated_basis') asks with the trained templates."""
     templates = FEATURE_TEMPLATES_CHAT if chat else FEATURE_TEMPLATES_BASE
@@ -325,12 +325,12 @@ class Explainer(nn.Module):
         return torch.tensor(depth, dtype=torch.long, device=layers.device)
 
     def _payload_mask(self, input_ids: torch.Tensor, n_payloads: torch.Tensor | None) -> torch.Tensor:
-        """[B, T] bool: where the placeholder sits; each row must hold n_payloads of them (R12)."""
+        """[B, T] bool: where the placeholder sits; each row must hold n_payloads of them (METHOD §4.6)."""
         is_payload = input_ids == self.payload_id
         counts = is_payload.sum(dim=1)
         if n_payloads is None:
             n_payloads = torch.full_like(counts, self.payloads_per_query)
-        if not bool((counts == n_payloads.to(counts.device)).all()):  # R12: payloads survived tokenisation
+        if not bool((counts == n_payloads.to(counts.device)).all()):  # METHOD §4.6: payloads survived tokenisation
             raise ValueError(f"expected {n_payloads.tolist()} payload token(s) per row, got {counts.tolist()}")
         return is_payload
 
@@ -421,7 +421,7 @@ class Explainer(nn.Module):
     # -- tokenisation ---------------------------------------------------------------------------------------
 
     def prompt_ids(self, q: Query) -> list[int]:
-        """Token ids up to where the answer starts: identical at training and generation time (R2)."""
+        """Token ids up to where the answer starts: identical at training and generation time (METHOD §3.2)."""
         if self.chat:
             system = CHAT_SYSTEM_PROMPT if q.system is None else q.system
             messages = [{"role": "system", "content": system}, {"role": "user", "content": q.text}]
@@ -430,14 +430,14 @@ class Explainer(nn.Module):
         return self.tokenizer((q.text + q.prefix).rstrip(" "), add_special_tokens=True)["input_ids"]
 
     def answer_ids(self, answer: str) -> list[int]:
-        """The answer's ids plus EOS (R3); base answers carry the template's trailing space (R2)."""
+        """The answer's ids plus EOS (METHOD §3.3); base answers carry the template's trailing space (METHOD §3.2)."""
         text = answer.replace(self.tokenizer.eos_token, "").strip()
         if not self.chat:
             text = " " + text
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
 
     def training_example(self, q: Query) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) with labels -100 over the prompt: the loss mask is the answer span (R1)."""
+        """(input_ids, labels) with labels -100 over the prompt: the loss mask is the answer span (METHOD §3.1)."""
         if q.answer is None:
             raise ValueError(f"query {q.example_id!r} has no answer to train on")
         p, a = self.prompt_ids(q), self.answer_ids(q.answer)
@@ -460,7 +460,7 @@ class Explainer(nn.Module):
         for i, (ids, labels) in enumerate(pairs):
             sl = slice(width - len(ids), width)
             ids_t[i, sl], labels_t[i, sl], mask_t[i, sl] = torch.tensor(ids), torch.tensor(labels), 1
-        for q in queries:  # R12 on the text side: a payload placeholder iff a vector
+        for q in queries:  # METHOD §4.6 on the text side: a payload placeholder iff a vector
             if (SPAN_TOKENS[1] in q.text) != (q.vector is not None):
                 raise ValueError(f"query {q.example_id!r}: the text must hold a payload exactly when it has a vector")
         device = self.lm.runtime.device
@@ -478,7 +478,7 @@ class Explainer(nn.Module):
         }
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens (R4: padding does not change an example's weight).
+        """Mean cross-entropy over answer tokens (METHOD §3.4: padding does not change an example's weight).
 
         Answers are left-padded into the last columns, so only the last `keep` positions need logits: the
         vocabulary projection over the whole prompt was half of a training step's time.

@@ -2,7 +2,7 @@
 
 Ground truth (`build_ground_truth`): per cached layer an SAE (tasks.sae), its exemplars, a label per feature
 that fires in enough contexts (tasks.labels), and a split by feature: `test_per_layer` held-out features per
-layer, the rest train (R15). Table `feature_labels(layer, feature_id, label, labeler, split)`.
+layer, the rest train (METHOD §5.3). Table `feature_labels(layer, feature_id, label, labeler, split)`.
 
 Evaluation (`evaluate`): every method describes the same held-out vectors; the simulator scores each
 description on the vector's top-20 exemplars with true activations max(0, <h_t, v>) from the cache.
@@ -491,7 +491,7 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
         predictions[(mode or "trained", cfg.model.name)] = explainer.generate(queries, cfg.max_new_tokens,
                                                                              cfg.eval_batch_size)  # fmt: skip
         if not mode:  # the controls and diagnostics of a trained explainer (a prompt ablation has none)
-            if recipe.eval.vector_controls:  # R8: the same prompts with v = 0, and with another held-out
+            if recipe.eval.vector_controls:  # METHOD §4.2: the same prompts with v = 0, and with another held-out
                 # item's vector of the same layer and split. Scores near the trained ones: v is not read.
                 donor = ex.shuffled_donors([(it.split, it.layer) for it in items], cfg.seed)
                 controls = {"zero_vector": [np.zeros_like(q.vector) for q in queries],

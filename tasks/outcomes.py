@@ -4,7 +4,7 @@
 An answer is "The output would remain unchanged from <<<X>>>." or "The most likely output would change to
 <<<X>>>."; X is the patched run's next token (B) or "Answer: L" with L the no-hint letter (C). Parsing
 lowercases and strips, then applies the paper's two regexes; anything else is unparseable and counts as
-wrong (R14): a false negative for its gold class, never a false positive.
+wrong (METHOD §5.2): a false negative for its gold class, never a false positive.
 """
 
 import random
@@ -120,7 +120,7 @@ ZERO_SHOT_ABLATION = (
     "The output would remain unchanged from <<<Answer: C>>>.\n"
     "The output would change to <<<Answer: B>>>."
 )
-# How a question is put: the trained templates; the same with v = 0 (R8) or with another row's vector of the
+# How a question is put: the trained templates; the same with v = 0 (METHOD §4.2) or with another row's vector of the
 # same chunk (shuffled v); without the span, the layer string
 # or the token string (the paper's "- activation", "- layer", "- token", §4.8); the untrained baseline's prompt.
 MODES = ("trained", "zero_vector", "shuffled_vector", "no_activation", "no_layer", "no_token", "zero_shot")

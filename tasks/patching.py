@@ -8,7 +8,7 @@ the greedy next token of the patched run is compared, by id, with the clean one.
 
 The sweep is batched: one forward of x' gives every layer's residual; the patched copies of x (one per
 position x chunk) run as a batch, each row with its own hook target, and only the last position's logits
-are computed. Facts are split into train/test by subject before pairing, so no prompt crosses splits (R15).
+are computed. Facts are split into train/test by subject before pairing, so no prompt crosses splits (METHOD §5.3).
 """
 
 import json
@@ -163,7 +163,7 @@ class _Patch:
     def _hook(rows: torch.Tensor, pos: torch.Tensor, vec: torch.Tensor):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
             h = output[0] if isinstance(output, tuple) else output
-            h = h.clone()  # build the patched tensor explicitly (R9), replacing, not adding (R19)
+            h = h.clone()  # build the patched tensor explicitly (METHOD §4.3), replacing, not adding (METHOD §6.1)
             h[rows.to(h.device), pos.to(h.device)] = vec.to(device=h.device, dtype=h.dtype)
             return (h, *output[1:]) if isinstance(output, tuple) else h
 

@@ -68,7 +68,7 @@ def test_writing_a_token_embedding_reproduces_that_token():
 
 def test_projection_exists_when_widths_differ_and_receives_gradient_under_lora():
     ex = make_explainer(name="tiny-gemma3", d_target=64, finetune="lora", lora_r=4)
-    assert ex.proj is not None and ex.proj.shape == (4, 80, 64) and ex.proj.requires_grad  # R6
+    assert ex.proj is not None and ex.proj.shape == (4, 80, 64) and ex.proj.requires_grad  # METHOD §3.6
     assert make_explainer().proj is None  # same width: raw injection
     q = Query(np.ones(64, dtype=np.float32), 3, f"{SPAN} activates at layer 3 for ", "the letter a")
     loss = ex.loss(ex.collate([q], train=True))
@@ -95,10 +95,10 @@ def test_loss_mask_covers_exactly_the_answer_tokens(fmt, templates):
         q = Query(np.zeros(64, np.float32), 1, template.format(feature=SPAN, layer=1), answer)
         ids, labels = ex.training_example(q)
         prompt = ex.prompt_ids(q)
-        assert ids[: len(prompt)] == prompt  # the generation prefix is the training prefix (R2)
+        assert ids[: len(prompt)] == prompt  # the generation prefix is the training prefix (METHOD §3.2)
         answer_ids = [t for t in labels if t != -100]
         assert labels[: len(prompt)] == [-100] * len(prompt) and len(answer_ids) == len(ids) - len(prompt)
-        assert answer_ids[-1] == ex.tokenizer.eos_token_id  # EOS trained on (R3)
+        assert answer_ids[-1] == ex.tokenizer.eos_token_id  # EOS trained on (METHOD §3.3)
         expected = answer if fmt == "chat" else " " + answer
         assert ex.tokenizer.decode(answer_ids[:-1]) == expected
         assert ids.count(ex.payload_id) == 1

@@ -48,11 +48,11 @@ def test_pairs_share_the_relation_and_never_cross_splits():
         assert len(set(p.options)) == 6 and p.options[-1] == "unknown"
     train = {s for p in pairs if p.split == "train" for s in (p.x.subject, p.x_prime.subject)}
     test = {s for p in pairs if p.split == "test" for s in (p.x.subject, p.x_prime.subject)}
-    assert not train & test  # R15: no prompt in both splits
+    assert not train & test  # METHOD §5.3: no prompt in both splits
 
 
 def test_patching_a_prompt_with_its_own_residual_changes_nothing(lm):
-    """R19: a one-layer chunk with x' = x leaves the logits unchanged; another vector changes them."""
+    """METHOD §6.1: a one-layer chunk with x' = x leaves the logits unchanged; another vector changes them."""
     ids = lm.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     h = all_layers(lm, ids)  # [n_layers, T, d]
     x = torch.tensor([ids, ids])
