@@ -23,10 +23,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks import models  # noqa: E402
-from tasks.ablation import LETTERS, answer_scores, choose, letter_prior, render, split_questions, user_prompt  # noqa: E402
-from tasks.config import AblationConfig, ModelConfig  # noqa: E402
-from tasks.facts import Question, load_questions  # noqa: E402
+from tasks.ablation.config import AblationConfig  # noqa: E402
+from tasks.ablation.ground_truth import (  # noqa: E402
+    LETTERS,
+    answer_scores,
+    choose,
+    letter_prior,
+    render,
+    split_questions,
+    user_prompt,
+)
+from tasks.common import models  # noqa: E402
+from tasks.common.config import ModelConfig  # noqa: E402
+from tasks.outcomes.facts import Question, load_questions  # noqa: E402
 
 FORMATS = ("letter", "calibrated_letter", "option_text")
 

@@ -3,7 +3,7 @@
 All three run in one process on the same model, runtime (device, dtype, autocast) and token contexts, in
 alternation (A B C A B C ...), and the medians are compared:
 
-  cache      tasks.activations.write_activations: forward to the deepest layer + Parquet shards + manifest
+  cache      tasks.common.activations.write_activations: forward to the deepest layer + Parquet shards + manifest
   forward    the bare HF forward pass of the whole model (all layers, LM head), what a user would time first
   depth      the same forward stopped after the deepest cached block, nothing stored: cache / depth is the
              price of storage (Parquet, checksums, manifest)
@@ -34,9 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from storage.store import Dataset  # noqa: E402
-from tasks import corpus, models  # noqa: E402
-from tasks.activations import residual_stream, write_activations  # noqa: E402
-from tasks.config import CacheConfig, CorpusConfig, ModelConfig  # noqa: E402
+from tasks.common import (
+    corpus,  # noqa: E402
+    models,  # noqa: E402
+)
+from tasks.common.activations import residual_stream, write_activations  # noqa: E402
+from tasks.common.config import CacheConfig, CorpusConfig, ModelConfig  # noqa: E402
 
 
 def bench_cache(lm, cfg: CacheConfig, tokens: Dataset, root: Path, round_: int) -> float:

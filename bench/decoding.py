@@ -18,9 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks import explainer as ex  # noqa: E402
-from tasks import models  # noqa: E402
-from tasks.config import ExplainerConfig, ModelConfig  # noqa: E402
+from tasks.common import models  # noqa: E402
+from tasks.common.config import ModelConfig  # noqa: E402
+from tasks.explainer import model as ex  # noqa: E402
+from tasks.explainer.config import ExplainerConfig  # noqa: E402
+from tasks.features.prompts import feature_queries
 
 
 @torch.inference_mode()
@@ -47,7 +49,7 @@ def main() -> None:
     cfg = ExplainerConfig(model=ModelConfig(name=args.model, autocast="none"), finetune="full")
     e = ex.Explainer(models.load(cfg.model), 576, 30, cfg)
     rng = np.random.default_rng(0)
-    queries = ex.feature_queries(rng.normal(size=(n, 576)), [3] * n, [None] * n, [str(i) for i in range(n)],
+    queries = feature_queries(rng.normal(size=(n, 576)), [3] * n, [None] * n, [str(i) for i in range(n)],
                                  e.chat, 0)  # fmt: skip
     times = {"batched": [], "per_example": []}
     outputs = {}

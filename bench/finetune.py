@@ -19,10 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks import explainer as ex  # noqa: E402
-from tasks import models  # noqa: E402
-from tasks.config import ExplainerConfig, ModelConfig  # noqa: E402
-from tasks.outcomes import PATCHING_TEMPLATES, target  # noqa: E402
+from tasks.common import models  # noqa: E402
+from tasks.common.config import ModelConfig  # noqa: E402
+from tasks.explainer import model as ex  # noqa: E402
+from tasks.explainer import train as training  # noqa: E402
+from tasks.explainer.config import ExplainerConfig  # noqa: E402
+from tasks.outcomes.prompts import PATCHING_TEMPLATES, target  # noqa: E402
 
 
 def queries(n: int, seed: int = 0) -> list[ex.Query]:
@@ -61,7 +63,7 @@ def hf_collate(e: ex.Explainer, batch: list[ex.Query]) -> dict[str, torch.Tensor
 def run_ours(cfg: ExplainerConfig, data: list[ex.Query]) -> tuple[float, int]:
     e = ex.Explainer(models.load(cfg.model), 576, 30, cfg)
     t = time.perf_counter()
-    ex.train(e, data, [])
+    training.train(e, data, [])
     return time.perf_counter() - t, sum(len(e.training_example(q)[0]) for q in data)
 
 

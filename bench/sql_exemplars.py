@@ -1,5 +1,5 @@
 """Benchmark the exemplar query: top-20 contexts per feature from the sparse feature-activation table
-(the SQL of tasks.sae.write_exemplars) at 1M and 10M rows of synthetic Parquet, timed in DuckDB (median of
+(the SQL of tasks.features.sae.write_exemplars) at 1M and 10M rows of synthetic Parquet, timed in DuckDB (median of
 3). Agreement: the result equals a NumPy reference on the 1M table. Beside it, the cost of the catalog's
 integrity checks on the same files (storage/catalog.py): the sha256 a refresh computes once per new shard, and
 the stat of every shard that `selfexplain sql` makes before each query.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from storage.hashing import file_sha256  # noqa: E402
 from storage.store import write_parquet  # noqa: E402
-from tasks.sae import exemplars_sql  # noqa: E402
+from tasks.features.sae import exemplars_sql  # noqa: E402
 
 
 def synthetic(rows: int, folder: Path, seed: int = 0) -> list[str]:

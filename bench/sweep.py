@@ -20,10 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks import models  # noqa: E402
-from tasks.config import ModelConfig, PatchingConfig  # noqa: E402
-from tasks.facts import load_facts  # noqa: E402
-from tasks.patching import layer_chunks, make_pairs, next_tokens, sweep_pair  # noqa: E402
+from tasks.common import models  # noqa: E402
+from tasks.common.config import ModelConfig  # noqa: E402
+from tasks.outcomes.facts import load_facts  # noqa: E402
+from tasks.patching.config import PatchingConfig  # noqa: E402
+from tasks.patching.ground_truth import layer_chunks, make_pairs, next_tokens, sweep_pair  # noqa: E402
 
 
 def main() -> None:

@@ -25,17 +25,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks import explainer as ex  # noqa: E402
-from tasks import models  # noqa: E402
-from tasks.activations import activations_dataset  # noqa: E402
-from tasks.config import FeaturesRecipe, load_recipe  # noqa: E402
-from tasks.features import FeatureSet, check_recipe, ground_truth_key, load_feature_set  # noqa: E402
-from tasks.projection import residual_stats  # noqa: E402
-from tasks.sae import layer_activations  # noqa: E402
+from tasks.common import models  # noqa: E402
+from tasks.common.activations import activations_dataset  # noqa: E402
+from tasks.common.config import load_recipe  # noqa: E402
+from tasks.explainer import model as ex  # noqa: E402
+from tasks.explainer import train as training  # noqa: E402
+from tasks.explainer.projection import residual_stats  # noqa: E402
+from tasks.features.config import FeaturesRecipe  # noqa: E402
+from tasks.features.ground_truth import FeatureSet, check_recipe, ground_truth_key, load_feature_set  # noqa: E402
+from tasks.features.prompts import feature_queries
+from tasks.features.sae import layer_activations  # noqa: E402
 
 
 def queries(fs: FeatureSet, idx: np.ndarray, vectors: np.ndarray, chat: bool) -> list[ex.Query]:
-    return ex.feature_queries(vectors[idx], fs.layer[idx], [fs.label[i] for i in idx], [str(i) for i in idx], chat, 0)
+    return feature_queries(vectors[idx], fs.layer[idx], [fs.label[i] for i in idx], [str(i) for i in idx], chat, 0)
 
 
 @torch.no_grad()
@@ -79,7 +82,7 @@ def main() -> None:
         if explainer.on_manifold:
             explainer.set_layer_stats(stats)
         chat = explainer.chat
-        ex.train(
+        training.train(
             explainer,
             queries(train, fit_idx, train.direction, chat),
             queries(train, val_idx[:16], train.direction, chat),

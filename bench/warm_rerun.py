@@ -44,7 +44,8 @@ def main() -> None:
 
     from flows.experiment import experiment
     from storage.store import store_root
-    from tasks.config import ExperimentRecipe, load_recipe
+    from tasks.common.config import load_recipe
+    from tasks.experiment.config import ExperimentRecipe
 
     root = Path(tempfile.mkdtemp(prefix="selfexplain-bench-warm-"))
     if args.quick:

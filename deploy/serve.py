@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from flows import FLOWS
-from tasks.config import RECIPES, load_recipe
-from tasks.orchestration import ensure_gpu_limit
+from tasks.common.config import load_recipe
+from tasks.common.orchestration import ensure_gpu_limit
+from tasks.recipes import RECIPES
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_FILES = {

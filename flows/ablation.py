@@ -13,9 +13,10 @@ from typing import Any
 from prefect import flow
 
 from flows.outcomes import explain_outcomes
-from tasks.ablation import ablation_ground_truth
-from tasks.config import AblationRecipe, as_recipe
-from tasks.explain_outcomes import check_recipe
+from tasks.ablation.config import AblationRecipe
+from tasks.ablation.ground_truth import ablation_ground_truth
+from tasks.common.config import as_recipe
+from tasks.outcomes.explainers import check_recipe
 
 
 @flow(name="ablation", log_prints=True, retries=0, validate_parameters=False)

@@ -16,9 +16,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from storage.catalog import connect_read_only
 from storage.store import store_root
-from tasks.bootstrap import check_recipe, describe_task, run_id, score_task
-from tasks.config import BootstrapRecipe, as_recipe
-from tasks.orchestration import refresh_catalog_task
+from tasks.common.config import as_recipe
+from tasks.common.orchestration import refresh_catalog_task
+from tasks.features.bootstrap import check_recipe, describe_task, run_id, score_task
+from tasks.features.config import BootstrapRecipe
 
 
 @flow(name="bootstrap", log_prints=True, retries=0, validate_parameters=False)

@@ -10,10 +10,10 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.activations import cache_residual_stream, plan_cache
-from tasks.config import CacheRecipe, as_recipe
-from tasks.corpus import tokenize_corpus
-from tasks.orchestration import refresh_catalog_task
+from tasks.common.activations import cache_residual_stream, plan_cache
+from tasks.common.config import CacheRecipe, as_recipe
+from tasks.common.corpus import tokenize_corpus
+from tasks.common.orchestration import refresh_catalog_task
 
 
 @flow(name="cache-activations", log_prints=True, retries=0, validate_parameters=False)

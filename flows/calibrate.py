@@ -12,11 +12,12 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from tasks.activations import cache_residual_stream
-from tasks.calibrate import check_recipe, evaluate_task, run_id, summary_table, train_explainer_task
-from tasks.config import CalibrateRecipe, as_recipe
-from tasks.corpus import tokenize_corpus
-from tasks.orchestration import refresh_catalog_task
+from tasks.common.activations import cache_residual_stream
+from tasks.common.config import as_recipe
+from tasks.common.corpus import tokenize_corpus
+from tasks.common.orchestration import refresh_catalog_task
+from tasks.explainer.calibrate import check_recipe, evaluate_task, run_id, summary_table, train_explainer_task
+from tasks.explainer.config import CalibrateRecipe
 
 
 @flow(name="calibrate", log_prints=True, retries=0, validate_parameters=False)

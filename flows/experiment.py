@@ -15,12 +15,13 @@ from prefect import flow, task
 from flows.features import explain_features, features_ground_truth
 from flows.outcomes import explain_outcomes
 from storage.store import store_root
-from tasks.ablation import ablation_ground_truth
-from tasks.config import ExperimentRecipe, RunnerConfig, as_recipe
-from tasks.experiment import Cell, cell_recipe, check_recipe, expand, record_experiment
-from tasks.orchestration import refresh_catalog_task
-from tasks.patching import patching_ground_truth
-from tasks.report import write_report_task
+from tasks.ablation.ground_truth import ablation_ground_truth
+from tasks.common.config import as_recipe
+from tasks.common.orchestration import refresh_catalog_task
+from tasks.experiment.config import ExperimentRecipe, RunnerConfig
+from tasks.experiment.grid import Cell, cell_recipe, check_recipe, expand, record_experiment
+from tasks.experiment.report import write_report_task
+from tasks.patching.ground_truth import patching_ground_truth
 
 GROUND_TRUTH = {"features": features_ground_truth, "patching": patching_ground_truth, "ablation": ablation_ground_truth}
 

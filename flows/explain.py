@@ -10,8 +10,9 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from tasks.config import ExplainRecipe, as_recipe
-from tasks.explain import check_recipe, explain_task
+from tasks.common.config import as_recipe
+from tasks.explainer.config import ExplainRecipe
+from tasks.explainer.explain import check_recipe, explain_task
 
 
 @flow(name="explain", log_prints=True, retries=0, validate_parameters=False)

@@ -14,19 +14,14 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.activations import cache_residual_stream
-from tasks.config import FeaturesRecipe, as_recipe
-from tasks.corpus import tokenize_corpus
-from tasks.features import (
-    build_ground_truth_task,
-    check_recipe,
-    evaluate_task,
-    evaluation_run_id,
-    explainer_names,
-    ground_truth_key,
-    train_explainer_task,
-)
-from tasks.orchestration import refresh_catalog_task
+from tasks.common.activations import cache_residual_stream
+from tasks.common.config import as_recipe
+from tasks.common.corpus import tokenize_corpus
+from tasks.common.orchestration import refresh_catalog_task
+from tasks.features.config import FeaturesRecipe
+from tasks.features.evaluate import evaluate_task, evaluation_run_id
+from tasks.features.ground_truth import build_ground_truth_task, check_recipe, ground_truth_key
+from tasks.features.train import explainer_names, train_explainer_task
 
 
 def features_ground_truth(recipe: FeaturesRecipe) -> dict[str, Any]:

@@ -3,14 +3,14 @@
 from typing import Any
 
 from storage.store import store_root
-from tasks.explain_outcomes import (
+from tasks.common.orchestration import refresh_catalog_task
+from tasks.outcomes.explainers import (
     OutcomeRecipe,
     evaluate_outcomes_task,
     evaluation_run_id,
     train_outcome_explainer_task,
     variants,
 )
-from tasks.orchestration import refresh_catalog_task
 
 
 def explain_outcomes(recipe: OutcomeRecipe, truth: Any) -> dict[str, Any]:

@@ -16,9 +16,10 @@ from typing import Any
 from prefect import flow
 
 from flows.outcomes import explain_outcomes
-from tasks.config import PatchingRecipe, as_recipe
-from tasks.explain_outcomes import check_recipe
-from tasks.patching import patching_ground_truth
+from tasks.common.config import as_recipe
+from tasks.outcomes.explainers import check_recipe
+from tasks.patching.config import PatchingRecipe
+from tasks.patching.ground_truth import patching_ground_truth
 
 
 @flow(name="patching", log_prints=True, retries=0, validate_parameters=False)

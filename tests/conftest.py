@@ -19,12 +19,7 @@ os.environ.pop("SELFEXPLAIN_HOME", None)
 
 import pytest  # noqa: E402
 
-from tasks.config import CacheConfig, CacheRecipe, CorpusConfig, ModelConfig  # noqa: E402
-
-PROSE = (
-    "The quick brown fox jumps over the lazy dog. Residual streams carry information between layers. "
-    "A sparse autoencoder decomposes activations into features. Paris is the capital of France. "
-)
+from tests.factories import PROSE, make_recipe  # noqa: E402 (after the environment above)
 
 
 @pytest.fixture
@@ -39,16 +34,6 @@ def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(PROSE * 20)
     return path
-
-
-def make_recipe(home: Path, source: Path | str, **sections: dict) -> CacheRecipe:
-    """A cache recipe on tiny-llama (4 layers, d=64) over `corpus`; `sections` override fields per section."""
-    model = {"name": "tiny-llama", "autocast": "none", **sections.get("model", {})}
-    corpus_cfg = {"source": str(source), "n_tokens": 2048, "context_length": 32, **sections.get("corpus", {})}
-    cache = {"layers": [1, 3], "batch_size": 4, "contexts_per_shard": 16, **sections.get("cache", {})}
-    return CacheRecipe(
-        home=str(home), model=ModelConfig(**model), corpus=CorpusConfig(**corpus_cfg), cache=CacheConfig(**cache)
-    )
 
 
 @pytest.fixture

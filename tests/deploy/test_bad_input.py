@@ -27,9 +27,8 @@ from flows.experiment import fan_out
 from storage.catalog import refresh_catalog
 from storage.errors import MAX_PART_CHARS, UserInputError
 from storage.store import Dataset
-from tasks.config import RECIPES
-from tests.tasks.test_config import ASKED
-from tests.tasks.test_importers import Payload, write_feature_archive
+from tasks.recipes import RECIPES
+from tests.factories import ASKED, Payload, write_feature_archive
 
 TINY = ["--set", "model.name=tiny-llama", "--set", "model.autocast=none", "--set", "cache.layers=[1]"]
 TINY_FEATURES = ["--set", "target.name=tiny-llama", "--set", "cache.layers=[1]"]

@@ -7,8 +7,8 @@ import pytest
 
 from deploy.cli import main
 from storage.catalog import refresh_catalog
-from tasks import corpus, models
-from tasks.activations import activations_dataset, plan_cache, write_activations
+from tasks.common import corpus, models
+from tasks.common.activations import activations_dataset, plan_cache, write_activations
 
 
 def _run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
@@ -59,7 +59,7 @@ def test_unknown_key_in_a_recipe_file(tmp_path, cli_env):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """A small store built with the plain functions (no Prefect): tokens + activations + catalog."""
-    from tests.conftest import PROSE, make_recipe
+    from tests.factories import PROSE, make_recipe
 
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "c.txt").write_text(PROSE * 10)

@@ -20,10 +20,9 @@ import yaml
 from flows import VALIDATORS
 from storage.catalog import connect_read_only
 from storage.errors import UserInputError
-from tasks.config import RECIPES, as_recipe
-from tests.flows.test_features import tiny_features_recipe
-from tests.flows.test_outcomes import tiny_ablation_recipe, tiny_patching_recipe
-from tests.tasks.test_explain import save_checkpoint
+from tasks.common.config import as_recipe
+from tasks.recipes import RECIPES
+from tests.factories import save_checkpoint, tiny_ablation_recipe, tiny_features_recipe, tiny_patching_recipe
 
 SERVER_START_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 600

@@ -7,11 +7,10 @@ from flows.features import features
 from storage.catalog import connect_read_only
 from storage.errors import UserInputError
 from storage.store import Dataset
-from tasks import bootstrap as boot
-from tasks import explain
-from tasks.config import BootstrapRecipe, FeaturesRecipe
-from tests.conftest import PROSE
-from tests.flows.test_features import tiny_features_recipe
+from tasks.explainer import explain
+from tasks.features import bootstrap as boot
+from tasks.features.config import BootstrapRecipe, FeaturesRecipe
+from tests.factories import PROSE, tiny_features_recipe
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 
 from flows.cache_activations import cache_activations
 from storage.catalog import connect_read_only, refresh_catalog
-from tasks import corpus, models
-from tasks.activations import activations_dataset, plan_cache, write_activations
+from tasks.common import corpus, models
+from tasks.common.activations import activations_dataset, plan_cache, write_activations
 
 
 def _task_states(flow_state) -> dict[str, str]:
@@ -145,7 +145,7 @@ def test_two_runs_writing_the_same_dataset_at_once_leave_one_complete_copy(tmp_p
 
 def test_a_permanent_fault_fails_the_run_by_name_and_no_partial_table_is_visible(recipe_factory, monkeypatch):
     from storage.catalog import refresh_catalog
-    from tasks.orchestration import FAULT_ENV
+    from tasks.common.orchestration import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "cache-residual-stream:permanent")
     recipe = recipe_factory()

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from flows.calibrate import calibrate
 from storage.catalog import connect_read_only
-from tasks.config import CalibrateRecipe
+from tasks.explainer.config import CalibrateRecipe
 
 
 def tiny_calibrate_recipe(home: Path, corpus: Path, **explainer) -> CalibrateRecipe:
@@ -65,7 +65,7 @@ def test_the_fitted_mode_fits_pi_on_training_types_only(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from tasks.models import byte_tokenizer
+    from tasks.common.models import byte_tokenizer
 
     corpus = tmp_path / "letters.txt"
     rng = random.Random(1)

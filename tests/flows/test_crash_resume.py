@@ -20,8 +20,8 @@ import yaml
 
 from flows import FLOWS
 from storage.store import complete_datasets
-from tasks.config import RECIPES
-from tests.flows.test_experiment import tiny_experiment
+from tasks.recipes import RECIPES
+from tests.factories import tiny_experiment
 
 KILLS = int(os.environ.get("SELFEXPLAIN_CRASH_KILLS", "3"))  # bench/crash_resume runs 10
 VOLATILE = {"runs"}  # wall-clock timestamps by design

@@ -3,27 +3,8 @@
 from flows.experiment import experiment
 from storage.catalog import connect_read_only
 from storage.store import complete_datasets
-from tasks.config import ExperimentRecipe, ModelConfig, RunnerConfig
-from tests.flows.test_features import tiny_features_recipe
-from tests.flows.test_outcomes import tiny_ablation_recipe, tiny_patching_recipe
-
-
-def tiny_experiment(tmp_path, corpus) -> ExperimentRecipe:
-    store = tmp_path / "store"
-    features = tiny_features_recipe(store, corpus)
-    features = features.model_copy(
-        update={
-            "eval": features.eval.model_copy(update={"judge": None, "simulator": "lexical", "prompt_ablations": []})
-        }
-    )
-    return ExperimentRecipe(
-        home=str(store),
-        target=ModelConfig(name="tiny-llama", autocast="none"),
-        grid={"n_train": [4, 12], "seeds": [0]},
-        features=features,
-        patching=tiny_patching_recipe(store),
-        ablation=tiny_ablation_recipe(store),
-    )
+from tasks.experiment.config import RunnerConfig
+from tests.factories import tiny_experiment
 
 
 def test_experiment_grid_rows_rerun_and_report(tmp_path, text_file):

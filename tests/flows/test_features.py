@@ -1,42 +1,10 @@
-from pathlib import Path
-
 import numpy as np
 
 from flows.features import features
 from storage.catalog import connect_read_only
-from tasks.config import ExplainerConfig, FeaturesRecipe, ModelConfig
-from tasks.features import LayerCache, check_recipe
-from tests.tasks.test_importers import write_feature_archive
-
-
-def tiny_features_recipe(home: Path, corpus: Path) -> FeaturesRecipe:
-    tiny = {"autocast": "none"}
-    return FeaturesRecipe.model_validate(
-        {
-            "home": str(home),
-            "target": {"name": "tiny-llama", **tiny},
-            "corpus": {"source": str(corpus), "n_tokens": 12000, "context_length": 64},
-            "cache": {"layers": [1, 3], "contexts_per_shard": 64},
-            "sae": {"expansion": 4, "k": 4, "epochs": 2, "batch_tokens": 512, "min_exemplars": 5},
-            "explainers": {
-                "self": ExplainerConfig(model=ModelConfig(name="tiny-llama", **tiny), finetune="full", epochs=1),
-                "other": ExplainerConfig(
-                    model=ModelConfig(name="tiny-gemma3", **tiny), format="base", epochs=1, lora_r=4
-                ),
-            },
-            "eval": {
-                "test_per_layer": 4,
-                "n_train": 30,
-                "ood_act_per_layer": 2,
-                "delta_act_per_layer": 2,
-                "judge": "tiny-llama",
-                "simulator": "tiny-llama",
-                "selfie_scales": [1, 10],
-                "prompt_ablations": ["no_activation", "no_layer"],
-                "rotated_basis_roles": ["self"],
-            },
-        }
-    )
+from tasks.features.config import FeaturesRecipe
+from tasks.features.ground_truth import LayerCache, check_recipe
+from tests.factories import tiny_features_recipe, write_feature_archive
 
 
 def test_features_flow_fills_the_result_contract(tmp_path, text_file):

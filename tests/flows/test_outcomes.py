@@ -9,42 +9,7 @@ import pytest
 from flows.ablation import ablation
 from flows.patching import patching
 from storage.catalog import connect_read_only
-from tasks.config import AblationRecipe, ExplainerConfig, ModelConfig, PatchingRecipe
-
-TINY = {"autocast": "none"}
-
-
-def tiny_explainers() -> dict[str, ExplainerConfig]:
-    return {
-        "self": ExplainerConfig(model=ModelConfig(name="tiny-llama", **TINY), finetune="full", epochs=1,
-                                max_new_tokens=6, batch_size=8),
-        "other": ExplainerConfig(model=ModelConfig(name="tiny-gemma3", **TINY), format="base", epochs=1, lora_r=4,
-                                 max_new_tokens=6, batch_size=8),
-    }  # fmt: skip
-
-
-def tiny_patching_recipe(home) -> PatchingRecipe:
-    return PatchingRecipe(
-        home=str(home),
-        target=ModelConfig(name="tiny-llama", **TINY),
-        patching={"n_pairs": 6, "positions_per_pair": 6, "n_chunks": 2, "cell_cap": 50, "pairs_per_shard": 3},
-        explainers={
-            **tiny_explainers(),
-            "self": tiny_explainers()["self"].model_copy(update={"injection": "residual", "vector_norm": "layer_mean"}),
-        },  # the shipped self explainer's form
-        eval={"n_train": 24, "n_test": 10, "max_prompt_tokens": 4000, "rotated_basis_roles": ["self"]},
-    )
-
-
-def tiny_ablation_recipe(home) -> AblationRecipe:
-    return AblationRecipe(
-        home=str(home),
-        target=ModelConfig(name="tiny-llama", **TINY),
-        ablation={"n_questions": 30, "batch_size": 8},
-        explainers=tiny_explainers(),
-        eval={"n_train": 16, "n_test": 8, "prompt_ablations": [], "max_prompt_tokens": 4000},
-    )
-
+from tests.factories import tiny_ablation_recipe, tiny_explainers, tiny_patching_recipe
 
 PATCHING_METHODS = {("trained", "tiny-llama"), ("trained", "tiny-gemma3"), ("zero_vector", "tiny-llama"),
                     ("zero_vector", "tiny-gemma3"), ("shuffled_vector", "tiny-llama"), ("shuffled_vector", "tiny-gemma3"),

@@ -142,7 +142,8 @@ def test_the_dataset_lock_serialises_writers(home):
 
 
 def test_config_hash_walks_nested_models_and_skips_resource_knobs():
-    from tasks.config import ExplainerConfig, ModelConfig
+    from tasks.common.config import ModelConfig
+    from tasks.explainer.config import ExplainerConfig
 
     a = {"cfg": ExplainerConfig(model=ModelConfig(name="m"))}
     b = {"cfg": ExplainerConfig(model=ModelConfig(name="m", memory_fraction=0.5))}  # affects_results=False

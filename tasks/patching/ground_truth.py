@@ -1,0 +1,369 @@
+"""Task B ground truth: activation patching over counterfactual pairs (paper §4). Table `patching_gt`.
+
+A pair (x, x') shares the relation and differs in subject and object; both prompts offer the same five
+options plus "unknown". The target's layers are cut into contiguous chunks. For every chunk and every
+aligned position t <-> t' (subject-final, and everything outside the subject), v = mean over the chunk's
+layers of h_l(x')[t'] replaces the residual at t in *every* layer of the chunk while the target reads x;
+the greedy next token of the patched run is compared, by id, with the clean one.
+
+The sweep is batched: one forward of x' gives every layer's residual; the patched copies of x (one per
+position x chunk) run as a batch, each row with its own hook target, and only the last position's logits
+are computed. Facts are split into train/test by subject before pairing, so no prompt crosses splits (METHOD §5.3).
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from storage.errors import UserInputError
+from storage.store import Dataset, store_root
+from tasks.common import models
+from tasks.common.activations import residual_stream
+from tasks.common.importers import ground_truth_key, import_act_patch, imported_or
+from tasks.common.models import LoadedModel, decoder_layers
+from tasks.common.orchestration import progress_reporter, stage_task
+from tasks.outcomes.facts import Fact, load_facts
+from tasks.patching.config import PatchingConfig, PatchingRecipe
+
+STAGE = "patching_gt"
+STAGE_VERSION = 3  # 2: the sweep shares the clean prefix (bf16 rounding of labels may differ from 1); 3: the
+# last chunk's v is the mean of block outputs (2 took the last block's after the final norm)
+SYSTEM_PROMPT = "You are a helpful assistant. Answer with one of the offered options."
+WORKED_EXAMPLE = ("The chemical symbol of gold is", ["Ag", "Au", "Fe", "Pb", "Cu"], "Au")
+
+
+@dataclass(frozen=True)
+class Pair:
+    x: Fact
+    x_prime: Fact
+    options: tuple[str, ...]  # five objects, then "unknown"
+    split: str
+
+
+def layer_chunks(n_layers: int, n_chunks: int) -> list[list[int]]:
+    """Contiguous, near-equal chunks (e.g. 30 layers / 4 -> 8, 8, 7, 7)."""
+    if not 1 <= n_chunks <= n_layers:
+        raise UserInputError("patching.n_chunks", f"{n_chunks} chunks for {n_layers} layers", f"use 1..{n_layers}")
+    sizes = [n_layers // n_chunks + (1 if i < n_layers % n_chunks else 0) for i in range(n_chunks)]
+    starts = np.cumsum([0, *sizes[:-1]])
+    return [list(range(s, s + n)) for s, n in zip(starts, sizes, strict=True)]
+
+
+def make_pairs(facts: list[Fact], cfg: PatchingConfig) -> list[Pair]:
+    """Pairs within each split: same relation, different subject and object; 3 distractors of that relation."""
+    rng = random.Random(cfg.seed)
+    subjects = sorted({f.subject for f in facts})
+    rng.shuffle(subjects)
+    test_subjects = set(subjects[: int(round(cfg.test_fraction * len(subjects)))])
+    pairs = []
+    for split in ("train", "test"):
+        pool = [f for f in facts if (f.subject in test_subjects) == (split == "test")]
+        by_relation: dict[str, list[Fact]] = {}
+        for f in pool:
+            by_relation.setdefault(f.relation, []).append(f)
+        for rel in sorted(by_relation):
+            group = by_relation[rel]
+            objects = sorted({f.object for f in group})
+            if len(objects) < 5:
+                continue
+            for x in group:
+                others = [f for f in group if f.subject != x.subject and f.object != x.object]
+                if not others:
+                    continue
+                xp = rng.choice(others)
+                distractors = rng.sample([o for o in objects if o not in (x.object, xp.object)], 3)
+                options = [x.object, xp.object, *distractors]
+                rng.shuffle(options)
+                pairs.append(Pair(x, xp, (*options, "unknown"), split))
+    rng.shuffle(pairs)
+    n_test = int(round(cfg.n_pairs * cfg.test_fraction))
+    test = [p for p in pairs if p.split == "test"][:n_test]
+    train = [p for p in pairs if p.split == "train"][: cfg.n_pairs - len(test)]
+    return train + test
+
+
+def render(lm: LoadedModel, prompt: str, options: tuple[str, ...], fmt: str) -> tuple[str, tuple[int, int]]:
+    """The full target text and the character span of the query block (where token types are assigned)."""
+    ask = f"{prompt}\nRespond with one of {' or '.join(options)} and nothing else."
+    if fmt == "fewshot":
+        ex_prompt, ex_opts, ex_ans = WORKED_EXAMPLE
+        example = f"{ex_prompt}\nRespond with one of {' or '.join([*ex_opts, 'unknown'])} and nothing else.\nAnswer: {ex_ans}\n\n"
+        user, suffix = example + ask + "\nAnswer:", ""
+    else:
+        user, suffix = ask, ""
+    if lm.tokenizer.chat_template is not None:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text += "Answer:" if fmt == "fewshot" else ""
+    else:
+        text = user + suffix
+    start = text.rindex(ask)
+    return text, (start, start + len(ask))
+
+
+@dataclass
+class Tokenised:
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    subject: list[int]  # token indices overlapping the subject
+
+
+def tokenise(lm: LoadedModel, text: str, subject_span: tuple[int, int]) -> Tokenised:
+    enc = lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    subj = [i for i, (a, b) in enumerate(offsets) if a < subject_span[1] and b > subject_span[0]]
+    return Tokenised(enc["input_ids"], offsets, subj)
+
+
+def token_types(text: str, tok: Tokenised, query: tuple[int, int], fact: Fact, pair: Pair) -> list[str]:
+    """Per token: subject_final, subject (not swept), relation, orig/new/other_answer_option, other."""
+    types = ["other"] * len(tok.ids)
+    prompt_start = query[0]
+    prompt_end = prompt_start + len(fact.prompt)
+    options_line = text.index("Respond with one of ", prompt_end) + len("Respond with one of ")
+    spans = {}
+    pos = options_line
+    for opt in pair.options:
+        pos = text.index(opt, pos)
+        spans[opt] = (pos, pos + len(opt))
+        pos += len(opt)
+    for i, (a, b) in enumerate(tok.offsets):
+        if i in tok.subject:
+            types[i] = "subject_final" if i == tok.subject[-1] else "subject"
+        elif prompt_start <= a and b <= prompt_end:
+            types[i] = "relation"
+        else:
+            for opt, (s, e) in spans.items():
+                if a < e and b > s:
+                    if opt == pair.x.object:
+                        types[i] = "orig_answer_option"
+                    elif opt == pair.x_prime.object:
+                        types[i] = "new_answer_option"
+                    else:
+                        types[i] = "other_answer_option"
+    return types
+
+
+class _Patch:
+    """Forward hooks that pin h[row, pos[row]] = vec[row] at every layer in the row's chunk."""
+
+    def __init__(self, lm: LoadedModel, rows_layers: list[list[int]], pos: torch.Tensor, vec: torch.Tensor):
+        self.handles = []
+        blocks = decoder_layers(lm.model)
+        for layer in sorted({layer for ls in rows_layers for layer in ls}):
+            rows = torch.tensor([r for r, ls in enumerate(rows_layers) if layer in ls], dtype=torch.long)
+            self.handles.append(blocks[layer].register_forward_hook(self._hook(rows, pos[rows], vec[rows])))
+
+    @staticmethod
+    def _hook(rows: torch.Tensor, pos: torch.Tensor, vec: torch.Tensor):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            h = output[0] if isinstance(output, tuple) else output
+            h = h.clone()  # build the patched tensor explicitly (METHOD §4.3), replacing, not adding (METHOD §6.1)
+            h[rows.to(h.device), pos.to(h.device)] = vec.to(device=h.device, dtype=h.dtype)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return hook
+
+    def __enter__(self) -> "_Patch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def all_layers(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
+    """Residual stream after every block, [n_layers, T, d]: the blocks' outputs, where a patch writes (HF's
+    last hidden state is after the final norm, which would put a normed vector into the last chunk's v)."""
+    out = residual_stream(lm, torch.tensor([ids]), list(range(lm.n_layers)))  # {layer: [1, T, d]}
+    return torch.stack([out[layer][0].float() for layer in range(lm.n_layers)])
+
+
+@torch.inference_mode()
+def next_tokens(lm: LoadedModel, ids: list[int], patches: list[tuple[list[int], int, torch.Tensor]] | None,
+                batch_size: int, reuse_prefix: bool = True) -> list[int]:  # fmt: skip
+    """Greedy next-token ids of x: clean (patches None) or one per (chunk layers, position t, vector).
+
+    A patch at position t changes nothing before t (attention is causal). So the patches are taken in order
+    of t, and each batch runs the clean prefix ids[:t0] once (t0: the batch's first patched position),
+    repeats its KV cache over the batch, and runs only the suffix ids[t0:] with the patches pinned: the work
+    per batch of B drops from B*T tokens to t0 + B*(T - t0). `reuse_prefix=False` runs every row over all of
+    ids (the reference the benchmark and the tests compare with)."""
+    device = lm.runtime.device
+    if patches is None:
+        with lm.runtime.autocast_context():
+            return (
+                lm.model(input_ids=torch.tensor([ids], device=device), logits_to_keep=1)
+                .logits[:, -1]
+                .argmax(-1)
+                .tolist()
+            )
+    order = sorted(range(len(patches)), key=lambda i: patches[i][1])
+
+    def run(size: int) -> list[int]:
+        out = [0] * len(patches)
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            batch = [patches[i] for i in rows]
+            t0 = batch[0][1] if reuse_prefix else 0
+            cache = None
+            with lm.runtime.autocast_context():
+                if t0 > 0:
+                    prefix = torch.tensor([ids[:t0]], device=device)
+                    cache = lm.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+                    cache.batch_repeat_interleave(len(batch))
+                suffix = torch.tensor([ids[t0:]] * len(batch), device=device)  # [B, T - t0]
+                pos = torch.tensor([t - t0 for _, t, _ in batch])  # the patched position within the suffix
+                with _Patch(lm, [c[0] for c in batch], pos, torch.stack([c[2] for c in batch])):
+                    logits = lm.model(input_ids=suffix, past_key_values=cache, use_cache=cache is not None,
+                                      logits_to_keep=1).logits[:, -1]  # fmt: skip
+            for i, token in zip(rows, logits.argmax(-1).tolist(), strict=True):
+                out[i] = token
+        return out
+
+    return models.oom_backoff(run, batch_size, "patching sweep")
+
+
+def sweep_pair(
+    lm: LoadedModel, pair: Pair, chunks: list[list[int]], cfg: PatchingConfig, pair_id: int
+) -> tuple[list[dict], bool]:
+    """All (chunk x aligned position) patches of one pair; returns (rows, clean answer is an option)."""
+    text_x, query_x = render(lm, pair.x.prompt, pair.options, cfg.prompt_format)
+    text_p, query_p = render(lm, pair.x_prime.prompt, pair.options, cfg.prompt_format)
+    subj_x = query_x[0] + pair.x.template.index("{}")
+    subj_p = query_p[0] + pair.x_prime.template.index("{}")
+    tx = tokenise(lm, text_x, (subj_x, subj_x + len(pair.x.subject)))
+    tp = tokenise(lm, text_p, (subj_p, subj_p + len(pair.x_prime.subject)))
+    if not tx.subject or not tp.subject:
+        return [], False
+    sx, ex_, sp, ep = tx.subject[0], tx.subject[-1], tp.subject[0], tp.subject[-1]
+    if tx.ids[:sx] != tp.ids[:sp] or tx.ids[ex_ + 1 :] != tp.ids[ep + 1 :]:
+        return [], False  # the subjects changed tokenisation outside themselves: no clean alignment
+    types = token_types(text_x, tx, query_x, pair.x, pair)
+    shift = len(tp.ids) - len(tx.ids)
+    aligned = [(t, t if t < sx else ep if t == ex_ else t + shift) for t in range(len(tx.ids)) if types[t] != "subject"]
+    rng = random.Random(cfg.seed * 100003 + pair_id)
+    if cfg.positions_per_pair is not None and len(aligned) > cfg.positions_per_pair:
+        must = [a for a in aligned if types[a[0]] != "other"]  # keep every typed position, sample the rest
+        rest = [a for a in aligned if types[a[0]] == "other"]
+        aligned = sorted(must + rng.sample(rest, max(0, cfg.positions_per_pair - len(must))))
+    h_prime = all_layers(lm, tp.ids)  # [n_layers, T', d]
+    clean = next_tokens(lm, tx.ids, None, 1)[0]
+    sweep = [(chunk, t, tprime) for chunk in chunks for t, tprime in aligned]
+    patches = [(chunk, t, h_prime[chunk, tprime].mean(0)) for chunk, t, tprime in sweep]
+    patched = next_tokens(lm, tx.ids, patches, cfg.batch_size)
+    tok = lm.tokenizer
+    strings = tok.convert_ids_to_tokens(tx.ids)
+    decode = lambda i: tok.decode([i])  # noqa: E731
+    option_first = {tok(" " + o, add_special_tokens=False)["input_ids"][0] for o in pair.options}
+    option_first |= {tok(o, add_special_tokens=False)["input_ids"][0] for o in pair.options}
+    rows = []
+    for (chunk, t, tprime), (_, _, v), new in zip(sweep, patches, patched, strict=True):
+        rows.append({
+            "pair_id": pair_id, "split": pair.split, "relation": pair.x.relation, "chunk": chunks.index(chunk),
+            "layer": chunk, "input_text": text_x, "input_tokens": [tok.decode([i]) for i in tx.ids],
+            "original_continuation": [decode(clean)], "ablated_continuation": [decode(new)],
+            "original_token_id": clean, "ablated_token_id": new, "is_different": bool(new != clean),
+            "orig_pos": t, "orig_text_token": tok.decode([tx.ids[t]]), "counterfact_pos": tprime,
+            "counterfact_text_token": tok.decode([tp.ids[tprime]]), "intervention_vector": v.float().cpu().numpy(),
+            "counterfactual_text": text_p, "gt_original_target": pair.x.object,
+            "gt_counterfactual_target": pair.x_prime.object, "options": list(pair.options),
+            "token_type": types[t], "token_string": strings[t],
+        })  # fmt: skip
+    return rows, clean in option_first
+
+
+def balance(rows: list[dict], cap: int, seed: int) -> list[dict]:
+    """Cap each (token type, chunk, changed) cell, then downsample the majority class to the minority's size."""
+    rng = random.Random(seed)
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["token_type"], r["chunk"], r["is_different"]), []).append(r)
+    kept = []
+    for key in sorted(cells, key=str):
+        group = cells[key]
+        kept += rng.sample(group, min(cap, len(group)))
+    changed = [r for r in kept if r["is_different"]]
+    same = [r for r in kept if not r["is_different"]]
+    n = min(len(changed), len(same))
+    return rng.sample(changed, n) + rng.sample(same, n) if n else kept
+
+
+def write_patching_gt(lm: LoadedModel, cfg: PatchingConfig, out: Dataset, progress=None) -> dict[str, Any]:
+    """Sweep every pair (one shard per `pairs_per_shard` pairs, resumable), balance per split, mark complete."""
+    facts = load_facts(cfg.facts)
+    pairs = make_pairs(facts, cfg)
+    if not pairs:
+        raise UserInputError("patching.facts", "no relation offers 5 distinct objects", "add facts")
+    chunks = layer_chunks(lm.n_layers, cfg.n_chunks)
+    out.create({"stage": STAGE, "version": STAGE_VERSION, "config": cfg.model_dump(), "chunks": chunks})
+    raw = Dataset(out.root, "patching_sweep", out.key)
+    raw.create({"stage": STAGE, "version": STAGE_VERSION, "config": cfg.model_dump(), "chunks": chunks})
+    per_shard = cfg.pairs_per_shard
+    n_shards = -(-len(pairs) // per_shard)
+    for shard in range(n_shards):
+        if raw.shard_done(shard):
+            continue
+        rows, on_option = [], []
+        for i in range(shard * per_shard, min(len(pairs), (shard + 1) * per_shard)):
+            pair_rows, ok = sweep_pair(lm, pairs[i], chunks, cfg, i)
+            rows += pair_rows
+            on_option.append({"pair_id": i, "clean_is_option": ok, "swept": bool(pair_rows)})
+        raw.write_shard(shard, _to_table(rows, lm.d_model))
+        (raw.path / f"pairs-{shard:05d}.json").write_text(json.dumps(on_option))
+        if progress:
+            progress((shard + 1) / n_shards, f"{len(rows)} patches")
+    raw.mark_complete({"pairs": len(pairs)})
+    every = [r for t in raw.iter_shards() for r in t.to_pylist()]
+    pair_meta = [m for p in sorted(raw.path.glob("pairs-*.json")) for m in json.loads(p.read_text())]
+    swept = [m for m in pair_meta if m["swept"]]
+    option_rate = sum(m["clean_is_option"] for m in swept) / max(1, len(swept))
+    kept = []
+    for split in ("train", "test"):
+        kept += balance([r for r in every if r["split"] == split], cfg.cell_cap, cfg.seed)
+    for r in kept:
+        r["intervention_vector"] = np.asarray(r["intervention_vector"], dtype=np.float32)
+    out.write_shard(0, _to_table(kept, lm.d_model))
+    summary = {
+        "pairs": len(pairs), "pairs_swept": len(swept), "clean_answer_is_option_rate": option_rate,
+        "patches": len(every), "changed_rate_before_balancing": float(np.mean([r["is_different"] for r in every]) if every else 0),
+        "rows": len(kept), "chunks": chunks, "prompt_format": cfg.prompt_format,
+    }  # fmt: skip
+    out.mark_complete(summary)
+    return summary
+
+
+def _to_table(rows: list[dict], d: int) -> pa.Table:
+    if not rows:
+        return pa.table({"pair_id": pa.array([], pa.int64())})
+    vectors = np.stack([np.asarray(r["intervention_vector"], dtype=np.float32) for r in rows])
+    cols = {k: [r[k] for r in rows] for k in rows[0] if k != "intervention_vector"}
+    table = pa.table(cols)
+    return table.append_column(
+        "intervention_vector", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), d)
+    )
+
+
+def patching_key(recipe: PatchingRecipe) -> str:
+    return ground_truth_key(STAGE, STAGE_VERSION, recipe.target, recipe.patching, "patching")
+
+
+@stage_task(
+    "patching-ground-truth",
+    gpu=True,
+    output=lambda p: Dataset(store_root(p["recipe"].home), STAGE, patching_key(p["recipe"])),
+)
+def patching_ground_truth(recipe: PatchingRecipe) -> dict[str, Any]:
+    """Sweep the counterfactual pairs and write the balanced `patching_gt` table."""
+    out = Dataset(store_root(recipe.home), STAGE, patching_key(recipe))
+
+    def sweep() -> dict[str, Any]:
+        progress = progress_reporter("patching-sweep", "activation-patching sweep")
+        return write_patching_gt(models.load(recipe.target), recipe.patching, out, progress)
+
+    return imported_or(out, recipe.patching, import_act_patch, sweep)
