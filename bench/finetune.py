@@ -24,7 +24,8 @@ from tasks.common.config import ModelConfig  # noqa: E402
 from tasks.explainer import model as ex  # noqa: E402
 from tasks.explainer import train as training  # noqa: E402
 from tasks.explainer.config import ExplainerConfig  # noqa: E402
-from tasks.outcomes.prompts import PATCHING_TEMPLATES, target  # noqa: E402
+from tasks.outcomes.answers import target  # noqa: E402
+from tasks.patching.prompts import PATCHING_TEMPLATES  # noqa: E402
 
 
 def queries(n: int, seed: int = 0) -> list[ex.Query]:

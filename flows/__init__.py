@@ -23,7 +23,7 @@ from tasks.explainer.calibrate import check_recipe as check_calibrate_recipe
 from tasks.explainer.explain import check_recipe as check_explain_recipe
 from tasks.features.bootstrap import check_recipe as check_bootstrap_recipe
 from tasks.features.ground_truth import check_recipe
-from tasks.outcomes.explainers import check_recipe as check_outcome_recipe
+from tasks.outcomes.registry import check_recipe as check_outcome_recipe
 
 FLOWS = {"cache-activations": cache_activations, "calibrate": calibrate, "features": features, "patching": patching,
          "ablation": ablation, "experiment": experiment, "explain": explain, "bootstrap": bootstrap}  # fmt: skip

@@ -16,7 +16,7 @@ from flows.outcomes import explain_outcomes
 from tasks.ablation.config import AblationRecipe
 from tasks.ablation.ground_truth import ablation_ground_truth
 from tasks.common.config import as_recipe
-from tasks.outcomes.explainers import check_recipe
+from tasks.outcomes.registry import check_recipe
 
 
 @flow(name="ablation", log_prints=True, retries=0, validate_parameters=False)

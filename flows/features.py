@@ -4,7 +4,7 @@ activations   cache the target's residual stream at the chosen layers (the cache
 ground truth  train an SAE per layer; exemplars; a label per feature; split train / test by feature
 explainers    fine-tune each explainer (self: the target's own weights; other: another model via Π_ℓ)
               to describe a feature from its decoder direction written into a placeholder embedding;
-              optionally the prompt ablations (retrained without the placeholder or the layer number)
+              optionally the prompt omissions (retrained without the placeholder or the layer number)
 evaluate      describe the held-out features and the ACT vectors with every method (trained,
               nearest neighbour, SelfIE, gold) and score each description with the simulator
 catalog       refresh the SQL views (metrics, predictions, runs, features, exemplars, ...)
@@ -21,7 +21,7 @@ from tasks.common.orchestration import refresh_catalog_task
 from tasks.features.config import FeaturesRecipe
 from tasks.features.evaluate import evaluate_task, evaluation_run_id
 from tasks.features.ground_truth import build_ground_truth_task, check_recipe, ground_truth_key
-from tasks.features.train import explainer_names, train_explainer_task
+from tasks.features.train import train_explainer_task, variants
 
 
 def features_ground_truth(recipe: FeaturesRecipe) -> dict[str, Any]:
@@ -39,8 +39,8 @@ def explain_features(recipe: FeaturesRecipe, gt: dict[str, Any]) -> dict[str, An
     """Train each explainer, evaluate every method, refresh the SQL views."""
     plan, gt_key = gt["plan"], gt["gt_key"]
     checkpoints = {
-        name: train_explainer_task(recipe, plan, gt_key, name, wait_for=[gt["truth"]])["path"]
-        for name in explainer_names(recipe)
+        f"{role}/{variant}": train_explainer_task(recipe, plan, gt_key, role, variant, wait_for=[gt["truth"]])["path"]
+        for role, variant in variants(recipe)
     }
     results = evaluate_task(recipe, plan, gt_key, checkpoints, evaluation_run_id(recipe, gt_key))
     refresh_catalog_task(plan.home, wait_for=[results])

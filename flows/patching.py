@@ -17,7 +17,7 @@ from prefect import flow
 
 from flows.outcomes import explain_outcomes
 from tasks.common.config import as_recipe
-from tasks.outcomes.explainers import check_recipe
+from tasks.outcomes.registry import check_recipe
 from tasks.patching.config import PatchingRecipe
 from tasks.patching.ground_truth import patching_ground_truth
 

@@ -10,7 +10,8 @@ from pydantic import BaseModel
 def canonical_json(obj: Any) -> str:
     """Deterministic JSON: sorted keys, no whitespace; pydantic models (at any depth) become their fields,
     less those marked `json_schema_extra={"affects_results": False}` (resource knobs such as a GPU memory
-    cap): changing one of those must not move a result to a new cache key."""
+    cap): changing one of those must not move a result to a new cache key. A renamed field keeps its old
+    name in hashes with `json_schema_extra={"hashed_as": "<old name>"}`, so its results keep their keys."""
     return json.dumps(_hashable(obj), sort_keys=True, separators=(",", ":"), default=str)
 
 
@@ -18,9 +19,12 @@ def _hashable(obj: Any) -> Any:
     if isinstance(obj, BaseModel):
         fields = type(obj).model_fields
         dumped = obj.model_dump(mode="json")
-        return {name: _hashable(getattr(obj, name)) if isinstance(getattr(obj, name), BaseModel | dict | list)
-                else dumped[name] for name, f in fields.items()
-                if not (isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("affects_results") is False)}  # fmt: skip
+        extra = {
+            name: f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {} for name, f in fields.items()
+        }
+        return {extra[name].get("hashed_as", name): _hashable(getattr(obj, name))
+                if isinstance(getattr(obj, name), BaseModel | dict | list) else dumped[name]
+                for name in fields if extra[name].get("affects_results") is not False}  # fmt: skip
     if isinstance(obj, dict):
         return {k: _hashable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

@@ -221,9 +221,10 @@ class Dataset:
         """Marked complete by its writer (nothing read beyond the marker, nothing changed)."""
         return (self.path / "_COMPLETE.json").exists()
 
-    def is_complete(self) -> bool:
-        """Marked complete and every shard present at its manifest size; a damaged dataset is un-completed
-        here (see `invalidate`), so the next run of its stage recomputes the damaged shards."""
+    def complete_or_invalidate(self) -> bool:
+        """True when marked complete and every shard is present at its manifest size. Otherwise False, and a
+        damaged dataset is un-completed here: its marker and its damaged shards are deleted (`invalidate`), so
+        the next run of its stage recomputes just those shards. `marked_complete` reads without deleting."""
         if not self.marked_complete():
             return False
         problems = self.damaged(full=False)
@@ -279,5 +280,5 @@ def complete_datasets(root: Path) -> Iterator[Dataset]:
     """Every complete dataset under `root`, sorted by (table, key)."""
     for marker in sorted((root / "tables").glob("*/*/_COMPLETE.json")):
         ds = Dataset(root, marker.parent.parent.name, marker.parent.name)
-        if ds.is_complete():  # a damaged one is withdrawn, not listed
+        if ds.complete_or_invalidate():  # a damaged one is withdrawn, not listed
             yield ds

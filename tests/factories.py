@@ -127,7 +127,7 @@ def tiny_features_recipe(home: Path, corpus: Path) -> FeaturesRecipe:
                 "judge": "tiny-llama",
                 "simulator": "tiny-llama",
                 "selfie_scales": [1, 10],
-                "prompt_ablations": ["no_activation", "no_layer"],
+                "prompt_omissions": ["no_activation", "no_layer"],
                 "rotated_basis_roles": ["self"],
             },
         }
@@ -153,7 +153,7 @@ def tiny_ablation_recipe(home) -> AblationRecipe:
         target=ModelConfig(name="tiny-llama", **TINY),
         ablation={"n_questions": 30, "batch_size": 8},
         explainers=tiny_explainers(),
-        eval={"n_train": 16, "n_test": 8, "prompt_ablations": [], "max_prompt_tokens": 4000},
+        eval={"n_train": 16, "n_test": 8, "prompt_omissions": [], "max_prompt_tokens": 4000},
     )
 
 
@@ -162,7 +162,7 @@ def tiny_experiment(tmp_path, corpus) -> ExperimentRecipe:
     features = tiny_features_recipe(store, corpus)
     features = features.model_copy(
         update={
-            "eval": features.eval.model_copy(update={"judge": None, "simulator": "lexical", "prompt_ablations": []})
+            "eval": features.eval.model_copy(update={"judge": None, "simulator": "lexical", "prompt_omissions": []})
         }
     )
     return ExperimentRecipe(

@@ -44,11 +44,13 @@ class AblationConfig(StrictModel):
 
 
 class AblationEvalConfig(OutcomeEvalConfig):
-    """The ablation flow's evaluation: its questions carry no vector, so no prompt ablation by default (a
+    """The ablation flow's evaluation: its questions carry no vector, so no prompt omission by default (a
     recipe that sets any other eval key must not inherit patching's)."""
 
-    prompt_ablations: list[Literal["no_activation", "no_layer", "no_token"]] = Field(
-        [], description="Must stay []: ablation questions carry no vector, layer or token string."
+    prompt_omissions: list[Literal["no_activation", "no_layer", "no_token"]] = Field(
+        [],
+        description="Must stay []: ablation questions carry no vector, layer or token string.",
+        json_schema_extra={"hashed_as": "prompt_ablations"},  # renamed: results keep their keys
     )
 
 

@@ -15,16 +15,18 @@ changed = the two answers differ. Split by question (METHOD §5.3).
 """
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from storage.errors import UserInputError
 from storage.store import Dataset, store_root
 from tasks.ablation.config import AblationConfig, AblationRecipe, AnswerFormat
 from tasks.common import models
-from tasks.common.importers import ground_truth_key, import_input_ablation, imported_or
+from tasks.common.importers import ground_truth_key, imported_or, read_rows, require_columns, table_row
 from tasks.common.models import LoadedModel
 from tasks.common.orchestration import stage_task
 from tasks.outcomes.facts import Question, load_questions
@@ -36,6 +38,19 @@ SYSTEM_PROMPT = (
     "The following are multiple choice questions (with a correct answer). Output only the answer letter "
     "(A, B, C, or D) and nothing else, in the format Answer: x, where x is one of A, B, C, or D."
 )
+
+
+# `ablation_gt`, in table order. The builder and the input_ablation importer both build their rows with gt_row, so
+# the two cannot drift apart.
+COLUMNS = ("index", "question_id", "split", "question", "choices", "correct_answer", "subject", "hint",
+           "system_prompt", "original_user_prompt", "hint_user_prompt", "original_prompt_full", "hint_prompt_full",
+           "zeroshot_prediction", "random_hint_prediction", "zeroshot_greedy_token", "hint_greedy_token",
+           "changed_pred_bc_hint")  # fmt: skip
+
+
+def gt_row(**values: Any) -> dict[str, Any]:
+    """One `ablation_gt` row, every column and only those, in table order."""
+    return table_row("ablation_gt", COLUMNS, values)
 
 
 def user_prompt(q: Question, hint: str | None) -> str:
@@ -172,15 +187,15 @@ def write_ablation_gt(lm: LoadedModel, cfg: AblationConfig, out: Dataset) -> dic
     rows = []
     for i, q in enumerate(questions):
         qi = qids[i]
-        rows.append({
-            "index": i, "question_id": qi, "split": "test" if qi in test else "train", "question": q.question,
-            "choices": list(q.choices), "correct_answer": LETTERS[q.answer], "subject": q.subject, "hint": hints[i],
-            "system_prompt": SYSTEM_PROMPT, "original_user_prompt": user_prompt(q, None),
-            "hint_user_prompt": user_prompt(q, hints[i]), "original_prompt_full": plain_by_question[qi],
-            "hint_prompt_full": hinted[i], "zeroshot_prediction": zero_by_question[qi],
-            "random_hint_prediction": with_hint[i], "zeroshot_greedy_token": greedy0[qi],
-            "hint_greedy_token": greedy1[i], "changed_pred_bc_hint": zero_by_question[qi] != with_hint[i],
-        })  # fmt: skip
+        rows.append(gt_row(
+            index=i, question_id=qi, split="test" if qi in test else "train", question=q.question,
+            choices=list(q.choices), correct_answer=LETTERS[q.answer], subject=q.subject, hint=hints[i],
+            system_prompt=SYSTEM_PROMPT, original_user_prompt=user_prompt(q, None),
+            hint_user_prompt=user_prompt(q, hints[i]), original_prompt_full=plain_by_question[qi],
+            hint_prompt_full=hinted[i], zeroshot_prediction=zero_by_question[qi],
+            random_hint_prediction=with_hint[i], zeroshot_greedy_token=greedy0[qi],
+            hint_greedy_token=greedy1[i], changed_pred_bc_hint=zero_by_question[qi] != with_hint[i],
+        ))  # fmt: skip
     out.create({"stage": STAGE, "version": STAGE_VERSION, "config": cfg.model_dump()})
     out.write_shard(0, pa.Table.from_pylist(rows))
     summary = {
@@ -225,3 +240,32 @@ def ablation_ground_truth(recipe: AblationRecipe) -> dict[str, Any]:
         import_input_ablation,
         lambda: write_ablation_gt(models.load(recipe.target), recipe.ablation, out),
     )
+
+
+ABLATION_REQUIRED = ("question", "choices", "zeroshot_prediction", "random_hint_prediction", "hint_user_prompt")
+
+
+def import_input_ablation(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """Public input-ablation rows (Transluce/input_ablation_*, paper §5.2: index, question, choices, correct_answer,
+    zeroshot_prediction, random_hint_prediction, hint, system_prompt, original_user_prompt, hint_user_prompt,
+    original_prompt_full, hint_prompt_full, changed_pred_bc_hint) as `ablation_gt` rows. changed_pred_bc_hint is
+    null in about a quarter of the public rows: it is then derived from the two predictions."""
+    rows = read_rows(path, "import.input_ablation")
+    require_columns(rows, ABLATION_REQUIRED, "import.input_ablation", path)
+    out = []
+    for i, r in enumerate(rows):
+        changed = r["random_hint_prediction"] != r["zeroshot_prediction"]
+        if r.get("changed_pred_bc_hint") is not None and bool(r["changed_pred_bc_hint"]) != changed:
+            raise UserInputError(
+                "import.input_ablation", f"row {i}: changed_pred_bc_hint contradicts the two predictions", "fix the row"
+            )
+        out.append(gt_row(
+            index=int(r.get("index", i)), question_id=int(r.get("index", i)), split=split,
+            question=r["question"], choices=list(r["choices"]), correct_answer=str(r.get("correct_answer", "")),
+            subject=r.get("subject", ""), hint=r.get("hint", ""), system_prompt=r.get("system_prompt", ""),
+            original_user_prompt=r.get("original_user_prompt", ""), hint_user_prompt=r["hint_user_prompt"],
+            original_prompt_full=r.get("original_prompt_full", ""), hint_prompt_full=r.get("hint_prompt_full", ""),
+            zeroshot_prediction=r["zeroshot_prediction"], random_hint_prediction=r["random_hint_prediction"],
+            zeroshot_greedy_token="", hint_greedy_token="", changed_pred_bc_hint=changed,
+        ))  # fmt: skip
+    return out

@@ -126,7 +126,7 @@ def activation_shard(lm: LoadedModel, cfg: CacheConfig, context_ids: np.ndarray,
 def write_activations(lm: LoadedModel, cfg: CacheConfig, tokens: Dataset, out: Dataset) -> dict[str, Any]:
     """Cache the residual stream for every `tokens` shard not yet in `out`'s manifest; mark `out` complete."""
     check_layers(cfg.layers, lm.n_layers, lm.resolved.name)
-    if out.is_complete():
+    if out.complete_or_invalidate():
         return {**out.summary(), "shards_written": 0, "shards_skipped": out.summary()["shards"]}
     length = tokens.summary()["context_length"]
     out.create(

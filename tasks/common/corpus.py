@@ -4,6 +4,10 @@ The default corpus, `builtin:python-docs`, is English documentation prose that e
 already holds: Python's reference topics (`pydoc_data`), then the docstrings of the standard library, numpy and
 torch (pinned versions, so the text is fixed): about 2.3M SmolLM2 tokens with no download. Real runs point
 `source` at local FineWeb-style shards (.parquet / .jsonl), plain .txt, or a `datasets` save_to_disk folder.
+
+Why one module of ~470 lines: the readers of every source kind and the tokenisation share the checks run
+before a run (check_source, check_size, check_tokens), which must read exactly what the stage will read; kept
+together, a check cannot drift from the reader it guards.
 """
 
 import ast
@@ -394,7 +398,7 @@ def write_tokens(tokenizer: PreTrainedTokenizerBase, cfg: CorpusConfig, out: Dat
     Shard i holds contexts [i*contexts_per_shard, (i+1)*contexts_per_shard); the activation cache aligns its
     own shards with these, so both resume at the same boundaries.
     """
-    if out.is_complete():
+    if out.complete_or_invalidate():
         return out.summary()
     ids = tokenize_contexts(tokenizer, cfg)  # [n_contexts, L]; raises before anything is written
     n_ctx, length = ids.shape

@@ -1,20 +1,11 @@
-"""Importers for the paper's public datasets (paper §4.4, §5.2), from local Parquet / JSON(L) /
-save_to_disk folders, into our `patching_gt` and `ablation_gt` row formats, so a user who has them trains on
-them unchanged.
-
-act_patch (Transluce/act_patch_*): layer, input_tokens, original_continuation, ablated_continuation,
-is_different, patch_position{orig_pos, orig_text_token, counterfact_pos, counterfact_text_token,
-intervention_vector}, counterfactual_text, gt_original_target, gt_counterfactual_target, token_type.
-input_ablation (Transluce/input_ablation_*): index, question, choices, correct_answer, zeroshot_prediction,
-random_hint_prediction, hint, system_prompt, original_user_prompt, hint_user_prompt, original_prompt_full,
-hint_prompt_full, changed_pred_bc_hint (null in about a quarter of rows: derived from the two predictions).
-The features archive (pickles): features/layer_{L}.pkl, a [d x n_features] matrix; explanations/
-{split}_explanations.pkl, a list of ((layer, idx), {chosen_label, all_labels, all_label_scores, context});
-explanations/{split}_layer_feature_idxs.pkl, the (layer, idx) of the split.
+"""What the importers of the paper's public datasets share: reading local Parquet / JSON(L) / save_to_disk
+folders, import keys by file digest, rows in a table's declared column order, and writing imported rows as a
+ground-truth table. Each importer sits beside the builder of the same table, so a user who has the public data
+trains on it unchanged: act_patch in tasks/patching/ground_truth.py, input_ablation in
+tasks/ablation/ground_truth.py, the features archive in tasks/features/archive.py.
 """
 
 import json
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,9 +18,6 @@ from storage.hashing import config_hash, file_sha256
 from storage.store import Dataset
 
 IMPORT_VERSION = 1
-
-ACT_PATCH_REQUIRED = ("layer", "input_tokens", "original_continuation", "ablated_continuation", "is_different")
-ABLATION_REQUIRED = ("question", "choices", "zeroshot_prediction", "random_hint_prediction", "hint_user_prompt")
 
 
 def read_rows(path: str | Path, field: str) -> list[dict[str, Any]]:
@@ -55,7 +43,7 @@ def read_rows(path: str | Path, field: str) -> list[dict[str, Any]]:
         raise UserInputError(field, f"{p} is not valid JSON ({exc.msg}, line {exc.lineno})", "fix the file") from None
 
 
-def _require(rows: list[dict[str, Any]], columns: tuple[str, ...], field: str, path: str | Path) -> None:
+def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], field: str, path: str | Path) -> None:
     if not rows:
         raise UserInputError(field, f"{path} holds no rows", "give a non-empty file")
     missing = [c for c in columns if c not in rows[0]]
@@ -63,53 +51,13 @@ def _require(rows: list[dict[str, Any]], columns: tuple[str, ...], field: str, p
         raise UserInputError(field, f"{path} lacks column(s) {', '.join(missing)}", "use the public schema")
 
 
-def import_act_patch(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
-    """Public activation-patching rows as `patching_gt` rows (input text detokenised from input_tokens)."""
-    rows = read_rows(path, "import.act_patch")
-    _require(rows, ACT_PATCH_REQUIRED, "import.act_patch", path)
-    out = []
-    for i, r in enumerate(rows):
-        pp = r.get("patch_position") or {}
-        vector = pp.get("intervention_vector")
-        if vector is None:
-            raise UserInputError("import.act_patch", f"row {i} has no patch_position.intervention_vector", "keep it")
-        out.append({
-            "pair_id": i, "split": split, "relation": r.get("relation", ""), "chunk": -1,
-            "layer": [int(x) for x in r["layer"]], "input_text": "".join(r["input_tokens"]),
-            "input_tokens": list(r["input_tokens"]), "original_continuation": list(r["original_continuation"]),
-            "ablated_continuation": list(r["ablated_continuation"]), "original_token_id": -1, "ablated_token_id": -1,
-            "is_different": bool(r["is_different"]), "orig_pos": int(pp.get("orig_pos", -1)),
-            "orig_text_token": pp.get("orig_text_token", ""), "counterfact_pos": int(pp.get("counterfact_pos", -1)),
-            "counterfact_text_token": pp.get("counterfact_text_token", ""),
-            "intervention_vector": np.asarray(vector, dtype=np.float32),
-            "counterfactual_text": r.get("counterfactual_text", ""), "gt_original_target": r.get("gt_original_target", ""),
-            "gt_counterfactual_target": r.get("gt_counterfactual_target", ""), "options": [],
-            "token_type": r.get("token_type", "other"), "token_string": pp.get("orig_text_token", ""),
-        })  # fmt: skip
-    return out
-
-
-def import_input_ablation(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
-    """Public input-ablation rows as `ablation_gt` rows; a null changed flag is derived from the predictions."""
-    rows = read_rows(path, "import.input_ablation")
-    _require(rows, ABLATION_REQUIRED, "import.input_ablation", path)
-    out = []
-    for i, r in enumerate(rows):
-        changed = r["random_hint_prediction"] != r["zeroshot_prediction"]
-        if r.get("changed_pred_bc_hint") is not None and bool(r["changed_pred_bc_hint"]) != changed:
-            raise UserInputError(
-                "import.input_ablation", f"row {i}: changed_pred_bc_hint contradicts the two predictions", "fix the row"
-            )
-        out.append({
-            "index": int(r.get("index", i)), "question_id": int(r.get("index", i)), "split": split,
-            "question": r["question"], "choices": list(r["choices"]), "correct_answer": str(r.get("correct_answer", "")),
-            "subject": r.get("subject", ""), "hint": r.get("hint", ""), "system_prompt": r.get("system_prompt", ""),
-            "original_user_prompt": r.get("original_user_prompt", ""), "hint_user_prompt": r["hint_user_prompt"],
-            "original_prompt_full": r.get("original_prompt_full", ""), "hint_prompt_full": r.get("hint_prompt_full", ""),
-            "zeroshot_prediction": r["zeroshot_prediction"], "random_hint_prediction": r["random_hint_prediction"],
-            "zeroshot_greedy_token": "", "hint_greedy_token": "", "changed_pred_bc_hint": changed,
-        })  # fmt: skip
-    return out
+def table_row(table: str, columns: tuple[str, ...], values: dict[str, Any]) -> dict[str, Any]:
+    """A row of `table` in the order `columns` declares; a missing or unknown column is a bug, raised at once."""
+    if missing := [c for c in columns if c not in values]:
+        raise ValueError(f"a {table} row lacks {missing}")
+    if unknown := sorted(set(values) - set(columns)):
+        raise ValueError(f"a {table} row has columns {unknown} that {table} does not declare")
+    return {c: values[c] for c in columns}
 
 
 def digest(path: str) -> str:
@@ -181,87 +129,3 @@ def write_imported(out: Dataset, rows: list[dict[str, Any]], source: dict[str, s
 
 
 # -- the features archive: pickles, read without running code ---------------------------------------------
-
-# The only globals an archive pickle may name: numpy's array, dtype and scalar reconstructors (numpy 1 and 2
-# name their module differently). Lists, tuples, dicts, strings and numbers need none. Anything else (a
-# function to call, a class whose __reduce__ runs code, a torch storage) is refused before it is called.
-SAFE_PICKLE_GLOBALS = frozenset(
-    {(f"numpy.{core}.{mod}", name) for core in ("core", "_core") for mod, name in
-     (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
-    | {("numpy", "ndarray"), ("numpy", "dtype")}
-)  # fmt: skip
-
-
-class _Refused(pickle.UnpicklingError):
-    """A global outside SAFE_PICKLE_GLOBALS, refused before it is looked up."""
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in SAFE_PICKLE_GLOBALS:
-            return super().find_class(module, name)
-        raise _Refused(f"it names {module}.{name}, which the archive format never holds")
-
-
-def load_pickle(path: Path, field: str) -> Any:
-    """A pickle of the archive format (containers, strings, numbers, numpy arrays) and nothing else."""
-    if not path.is_file():
-        raise UserInputError(
-            field, f"{path} does not exist", "point it at the archive folder (features/, explanations/)"
-        )
-    try:
-        with path.open("rb") as f:
-            return _RestrictedUnpickler(f).load()
-    except _Refused as exc:
-        raise UserInputError(field, f"{path} is refused: {exc}", "import only the archive's own pickles") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError, MemoryError) as exc:
-        raise UserInputError(field, f"{path} is not a readable pickle ({type(exc).__name__})",
-                             "re-download the archive file") from None  # fmt: skip
-
-
-def read_feature_archive(folder: str | Path, layers: list[int], d: int,
-                         field: str) -> tuple[dict[int, np.ndarray], list[tuple[int, int, str, str]]]:  # fmt: skip
-    """(directions {layer: [n_features, d]}, labels [(layer, feature_id, label, split)]) of the archive at
-    `folder`, for `layers`; every shape, index and label checked, each mistake one line naming the file."""
-    root = Path(folder).expanduser()
-    directions = {}
-    for layer in layers:
-        path = root / "features" / f"layer_{layer}.pkl"
-        m = load_pickle(path, field)
-        try:
-            matrix = np.asarray(m, dtype=np.float32)
-        except (TypeError, ValueError):
-            matrix = np.zeros(0)
-        if matrix.ndim != 2 or matrix.shape[0] != d or not np.isfinite(matrix).all():
-            raise UserInputError(field, f"{path} holds no finite [{d} x n_features] matrix (shape "
-                                 f"{list(matrix.shape)})", f"the target's width is {d}")  # fmt: skip
-        directions[layer] = np.ascontiguousarray(matrix.T)  # [n, d]: a direction per row, like an SAE's W_dec
-    labels = []
-    for split in ("train", "test"):
-        path = root / "explanations" / f"{split}_explanations.pkl"
-        entries = load_pickle(path, field)
-        listed = load_pickle(root / "explanations" / f"{split}_layer_feature_idxs.pkl", field)
-        try:
-            listed_set = {(int(a), int(b)) for a, b in listed}
-            rows = [((int(k[0]), int(k[1])), v["chosen_label"]) for k, v in entries]
-        except (TypeError, ValueError, KeyError, IndexError):
-            raise UserInputError(field, f"{path} is not a list of ((layer, idx), {{'chosen_label': ...}}) with its "
-                                 "idxs file a list of (layer, idx)", "use the archive's own files") from None  # fmt: skip
-        for (layer, idx), label in rows:
-            if (layer, idx) not in listed_set:
-                raise UserInputError(field, f"{path}: feature ({layer}, {idx}) is not in {split}_layer_feature_idxs",
-                                     "use the archive's own files")  # fmt: skip
-            if layer not in directions:
-                continue  # a layer this recipe does not cache
-            if not 0 <= idx < len(directions[layer]) or not isinstance(label, str) or not label.strip():
-                raise UserInputError(field, f"{path}: feature ({layer}, {idx}) has no feature row or no label text",
-                                     "use the archive's own files")  # fmt: skip
-            labels.append((layer, idx, label, split))
-    if len({(a, b) for a, b, _, _ in labels}) != len(labels):
-        raise UserInputError(
-            field, f"{root}: a feature is labelled twice (or in both splits)", "use the archive's own files"
-        )
-    if not any(s == "test" for *_, s in labels) or not any(s == "train" for *_, s in labels):
-        raise UserInputError(field, f"{root} labels no train or no test feature of layers {layers}",
-                             "cache the layers the archive labels")  # fmt: skip
-    return directions, labels

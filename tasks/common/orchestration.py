@@ -40,7 +40,7 @@ def retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 
 def complete_or(out: Dataset, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The summary of `out` when a previous run completed it (no model is loaded), else `compute()`'s."""
-    if out.is_complete():
+    if out.complete_or_invalidate():
         return {"path": str(out.path), **out.summary()}
     return {"path": str(out.path), **compute()}
 
@@ -53,7 +53,7 @@ def stage_task(name: str, output: Callable[[dict[str, Any]], Dataset], gpu: bool
         # No cache entry while the output is incomplete, damaged or deleted: Prefect must run the stage (which
         # then resumes from its manifest). Once complete, the key names this completion of this dataset.
         dataset = output(parameters)
-        if not dataset.is_complete():
+        if not dataset.complete_or_invalidate():
             return None
         return f"{name}-{dataset.key}-{store_id(dataset.root)}-{dataset.summary()['completed_at']}"
 

@@ -86,7 +86,7 @@ def write_results(
 def recorded(root: Path, run_id: str) -> dict[str, Any] | None:
     """The row counts of a run whose result tables are all complete (a rerun then evaluates nothing)."""
     datasets = {name: Dataset(root, name, run_id) for name in ("metrics", "predictions", "runs")}
-    if not all(ds.is_complete() for ds in datasets.values()):
+    if not all(ds.complete_or_invalidate() for ds in datasets.values()):
         return None
     return {"run_id": run_id, **{name: ds.summary()["rows"] for name, ds in datasets.items()}}
 

@@ -21,8 +21,8 @@ class GridConfig(StrictModel):
     )
     controls: Literal["largest", "every"] = Field(
         "largest",
-        description="Cells that run the n_train-dependent controls (the v = 0 decode and the prompt-ablation "
-        "explainers of eval.prompt_ablations): 'largest' only the largest n_train of each seed (the paper "
+        description="Cells that run the n_train-dependent controls (the v = 0 decode and the prompt-omission "
+        "explainers of eval.prompt_omissions): 'largest' only the largest n_train of each seed (the paper "
         "reports them at full size; they are the costliest part of a grid), 'every' every cell.",
     )
 

@@ -4,7 +4,7 @@ A cell is the task's own recipe with `eval.n_train` and the explainers' seed set
 and evaluation run are the same cached stages the task flows use: a finished cell is never recomputed, and a
 task flow run with the same settings shares its work. Baselines that do not depend on n_train (SelfIE,
 zero-shot) run in one cell per task, the largest n_train at the first seed; they are drawn as flat lines. The
-controls that do depend on it (v = 0, the prompt-ablation explainers) run where `grid.controls` says: by
+controls that do depend on it (v = 0, the prompt-omission explainers) run where `grid.controls` says: by
 default in the largest cell of each seed only, as the paper reports them.
 Table `experiment_cells(experiment, task, n_train, seed, flat_baselines, controls, run_id)` ties cells to
 result runs.
@@ -34,7 +34,7 @@ class Cell:
     n_train: int
     seed: int
     flat_baselines: bool  # this cell also scores the n_train-independent baselines
-    controls: bool  # this cell also runs the n_train-dependent controls (v = 0, prompt ablations, rotated basis)
+    controls: bool  # this cell also runs the n_train-dependent controls (v = 0, prompt omissions, rotated basis)
 
 
 def expand(recipe: ExperimentRecipe) -> list[Cell]:
@@ -50,7 +50,7 @@ def cell_recipe(recipe: ExperimentRecipe, cell: Cell) -> TaskRecipe:
     base = recipe.task_recipe(cell.task)
     flat = {"selfie": cell.flat_baselines} if cell.task == "features" else {"zero_shot": cell.flat_baselines}
     if not cell.controls:
-        flat |= {"vector_controls": False, "prompt_ablations": [], "rotated_basis_roles": []}
+        flat |= {"vector_controls": False, "prompt_omissions": [], "rotated_basis_roles": []}
     explainers = {role: cfg.model_copy(update={"seed": cell.seed}) for role, cfg in base.explainers.items()}
     return base.model_copy(
         update={"explainers": explainers, "eval": base.eval.model_copy(update={"n_train": cell.n_train, **flat})}
@@ -60,7 +60,7 @@ def cell_recipe(recipe: ExperimentRecipe, cell: Cell) -> TaskRecipe:
 def check_recipe(recipe: ExperimentRecipe) -> None:
     """Validate the store, then every task section before anything runs (its field names prefixed with the task)."""
     from tasks.features.ground_truth import check_recipe as check_features
-    from tasks.outcomes.explainers import check_recipe as check_outcomes
+    from tasks.outcomes.registry import check_recipe as check_outcomes
 
     check_store(recipe.home)
     for task in recipe.tasks:
@@ -82,7 +82,7 @@ def experiment_dataset(recipe: ExperimentRecipe) -> Dataset:
 def record_experiment(recipe: ExperimentRecipe, cells: list[Cell], run_ids: list[str]) -> dict[str, Any]:
     """Write `experiment_cells`: which evaluation run each grid cell produced."""
     out = experiment_dataset(recipe)
-    if out.is_complete():
+    if out.complete_or_invalidate():
         return {"path": str(out.path), **out.summary()}
     rows = [{"experiment": out.key, **asdict(c), "run_id": r} for c, r in zip(cells, run_ids, strict=True)]
     out.create({"stage": "experiment", "version": STAGE_VERSION, "recipe": recipe.model_dump(mode="json")})

@@ -87,7 +87,7 @@ def load_results(root: Path, experiment: str) -> tuple[list[dict[str, Any]], dic
     """(metric rows of every cell, the experiment's recipe); rows carry their own task (a features cell also
     holds `alignment` rows), the cell's n_train and seed, and whether it holds the flat baselines."""
     cells_ds = Dataset(root, "experiment_cells", experiment)
-    if not cells_ds.is_complete():
+    if not cells_ds.complete_or_invalidate():
         raise UserInputError("experiment", f"{experiment!r} is not a finished experiment in {root}",
                              "pass a key from `selfexplain sql \"select distinct experiment from experiment_cells\"`")  # fmt: skip
     cells = [r for t in cells_ds.iter_shards() for r in t.to_pylist()]

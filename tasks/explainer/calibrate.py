@@ -164,7 +164,7 @@ def explainer_dataset(recipe: CalibrateRecipe, plan: CachePlan, injection: str) 
 def train_explainer(recipe: CalibrateRecipe, plan: CachePlan, injection: str, progress=None) -> dict[str, Any]:
     """Train the explainer under one injection mode on the train tokens; checkpoint under tables/explainers."""
     out = explainer_dataset(recipe, plan, injection)
-    if out.is_complete():
+    if out.complete_or_invalidate():
         return {"path": str(out.path), **out.summary()}
     train, test = calibration_items(recipe, plan)
     target = models.load_config(recipe.target)

@@ -237,9 +237,9 @@ class ExplainRecipe(StrictModel):
 
 
 def check_roles(ev: StrictModel, explainers: dict[str, Any]) -> None:
-    """Every role that an evaluation config's (features' or an outcome task's) `eval.ablation_roles` (with prompt ablations asked for) or `eval.rotated_basis_roles`
+    """Every role that an evaluation config's (features' or an outcome task's) `eval.omission_roles` (with prompt omissions asked for) or `eval.rotated_basis_roles`
     names must be a role of `explainers`."""
-    for field, roles, used in (("ablation_roles", ev.ablation_roles, bool(ev.prompt_ablations)),
+    for field, roles, used in (("omission_roles", ev.omission_roles, bool(ev.prompt_omissions)),
                                ("rotated_basis_roles", ev.rotated_basis_roles, True)):  # fmt: skip
         unknown = [r for r in roles if r not in explainers]
         if unknown and used:

@@ -100,7 +100,7 @@ def find_checkpoint(
 
 
 def _plain(ck: Checkpoint) -> bool:
-    """Not a control's or a prompt ablation's twin: 'latest' picks the explainer a user means."""
+    """Not a control's or a prompt omission's twin: 'latest' picks the explainer a user means."""
     role = str(ck.meta.get("role", ""))
     return "/" not in role and ck.meta.get("variant", "trained") == "trained"
 
@@ -207,7 +207,7 @@ def _feature(ck: Checkpoint, home: str | Path | None, layer: int, feature_id: in
     root = store_root(home)
     gt = str(ck.meta.get("gt", ""))
     feats = Dataset(root, "features", gt)
-    if not gt or not feats.is_complete():
+    if not gt or not feats.complete_or_invalidate():
         raise UserInputError("feature", f"the features ground truth of this explainer ({gt or 'none recorded'}) "
                              f"is not in the store {root}", "point --home at the store it was trained in")  # fmt: skip
     labels = Dataset(root, "feature_labels", gt).shard_files()
@@ -294,8 +294,9 @@ def explain_patch(ck: Checkpoint, recipe: ExplainRecipe) -> list[dict[str, Any]]
     """One row: the patching explainer's predicted outcome of patching x (`text`) at `position` with the
     chunk-mean residual of x' at `counterfactual_position` (v exactly as the sweep computes it), and with
     `check` the real outcome of that patch on the target beside it."""
-    from tasks.outcomes import prompts as outcomes
+    from tasks.outcomes.answers import target
     from tasks.patching.ground_truth import all_layers, next_tokens
+    from tasks.patching.task import PATCHING
 
     root = store_root(recipe.home)
     layers, ids, ids_p, t, t_p = _patch_site(ck, root, recipe)
@@ -310,10 +311,10 @@ def explain_patch(ck: Checkpoint, recipe: ExplainRecipe) -> list[dict[str, Any]]
     if recipe.check:
         clean = next_tokens(lm, ids, None, 1)[0]
         patched = next_tokens(lm, ids, [(layers, t, v)], 1)[0]
-        out["real_outcome"] = outcomes.target(patched != clean, decode(patched))
+        out["real_outcome"] = target(patched != clean, decode(patched))
     del lm
     explainer = ex.Explainer.load(ck.path)
-    (query,) = outcomes.queries("patching", [row], "trained", explainer.cfg.seed, with_answer=False)
+    (query,) = PATCHING.queries([row], "trained", explainer.cfg.seed, with_answer=False)
     out["explanation"] = explainer.generate([query], explainer.cfg.max_new_tokens, 1)[0]
     return [out]
 

@@ -23,6 +23,10 @@ Loss (docs/METHOD.md §3.1-§3.4): prompt and answer are tokenised separately an
 the answer ends with EOS (end of turn for chat explainers), which is trained on; the loss is the mean
 cross-entropy over answer tokens. Base templates end in a space: we move it onto the answer (METHOD §3.2), so the
 generation prefix equals the training prefix token for token.
+
+Why one module of ~600 lines: the span tokens, the three injections, the prompt layout, the loss and
+decoding all turn on the same placeholder and forward hook; the training loop (train.py) and the feature
+templates (tasks/features/prompts.py) stand apart because they need only its public methods.
 """
 
 import contextlib

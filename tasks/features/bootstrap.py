@@ -109,7 +109,7 @@ def describe_features(recipe: BootstrapRecipe, ck: explain.Checkpoint, progress=
     """Write the explainer's descriptions of `to_describe` as `feature_labels` shards (resumable per shard)."""
     root = store_root(recipe.home)
     out = Dataset(root, "feature_labels", labels_key(recipe, ck))
-    if out.is_complete():
+    if out.complete_or_invalidate():
         return out.summary()
     todo = to_describe(root, _gt(ck), recipe.held_out)
     out.create({"stage": STAGE, "version": STAGE_VERSION, "explainer": ck.key, "gt": _gt(ck)})

@@ -115,13 +115,18 @@ class FeatureEvalConfig(StrictModel):
     selfie: bool = Field(
         True, description="Score the untrained SelfIE baseline (independent of n_train: experiments run it once)."
     )
-    prompt_ablations: list[Literal["no_activation", "no_layer"]] = Field(
+    prompt_omissions: list[Literal["no_activation", "no_layer"]] = Field(
         [],
+        json_schema_extra={"hashed_as": "prompt_ablations"},  # renamed: results keep their keys
         description="Explainers retrained with one part of every template removed, each evaluated as its own "
         "method (paper §3.8): no_activation drops the placeholder (no vector reaches the explainer), no_layer "
         "drops the layer number.",
     )
-    ablation_roles: list[str] = Field(["self"], description="Roles that get the prompt-ablation explainers.")
+    omission_roles: list[str] = Field(
+        ["self"],
+        description="Roles that get the prompt-omission explainers.",
+        json_schema_extra={"hashed_as": "ablation_roles"},  # renamed: results keep their keys
+    )
     rotated_basis_roles: list[str] = Field([], description=ROTATED_BASIS_ROLES)
     vector_controls: bool = Field(
         True,

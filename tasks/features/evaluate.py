@@ -37,7 +37,7 @@ from tasks.features.simulate import (
     mean_se,
     simulator_score,
 )
-from tasks.features.train import explainer_key, explainer_names, grid_seed, training_subset
+from tasks.features.train import explainer_key, grid_seed, hashed_name, training_subset, variants
 
 EVAL_VERSION = 5  # evaluation only: bumping re-scores without retraining (4: shuffled v, quotes; 5: ACT centred)
 SELFIE_USER = "Briefly define the word '{x}'."
@@ -168,18 +168,18 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
     predictions[("nearest_neighbor", target_name)] = nearest_neighbour(train, items, layerwise=False)
     predictions[("nearest_neighbor_layerwise", target_name)] = nearest_neighbour(train, items, layerwise=True)
     for name, path in checkpoints.items():
-        role, _, mode = name.partition("/")
+        role, variant = name.split("/")
         explainer = ex.Explainer.load(Path(path) / "checkpoint")
         cfg = recipe.explainers[role]
-        per_explainer += [Metric(run_id, "features", target_name, cfg.model.name, mode or "trained", n_train, seed,
+        per_explainer += [Metric(run_id, "features", target_name, cfg.model.name, variant, n_train, seed,
                                  "train", metric, value, 0.0, n_train)
                           for metric, value in ex.Explainer.step_counts(Path(path) / "checkpoint")]  # fmt: skip
         vectors = explainer_vectors(items, layer_means, explainer.on_manifold or explainer.fitted)
         queries = [feature_queries(v[None], [it.layer], [None], [it.example_id], explainer.chat, cfg.seed + k,
-                                      mode or "trained")[0] for k, (it, v) in enumerate(zip(items, vectors, strict=True))]  # fmt: skip
-        predictions[(mode or "trained", cfg.model.name)] = explainer.generate(queries, cfg.max_new_tokens,
+                                      variant)[0] for k, (it, v) in enumerate(zip(items, vectors, strict=True))]  # fmt: skip
+        predictions[(variant, cfg.model.name)] = explainer.generate(queries, cfg.max_new_tokens,
                                                                              cfg.eval_batch_size)  # fmt: skip
-        if not mode:  # the controls and diagnostics of a trained explainer (a prompt ablation has none)
+        if variant == "trained":  # the controls and diagnostics of a trained explainer (a prompt omission has none)
             if recipe.eval.vector_controls:  # METHOD §4.2: the same prompts with v = 0, and with another held-out
                 # item's vector of the same layer and split. Scores near the trained ones: v is not read.
                 donor = ex.shuffled_donors([(it.split, it.layer) for it in items], cfg.seed)
@@ -311,7 +311,7 @@ def act_items(recipe: FeaturesRecipe, caches: dict[int, LayerCache], k: int) -> 
 
 def evaluation_run_id(recipe: FeaturesRecipe, gt_key: str) -> str:
     """Deterministic run id: a rerun of the same recipe finds its results instead of duplicating rows."""
-    keys = {name: explainer_key(recipe, gt_key, name) for name in explainer_names(recipe)}
+    keys = {hashed_name(r, v): explainer_key(recipe, gt_key, r, v) for r, v in variants(recipe)}
     return "features-" + config_hash(
         "features-eval", EVAL_VERSION, {"gt": gt_key, "explainers": keys, "eval": recipe.eval, "target": recipe.target}
     )

@@ -26,6 +26,7 @@ from tasks.common.orchestration import stage_task
 from tasks.explainer import model as ex
 from tasks.explainer.config import check_roles
 from tasks.features import labels as lab
+from tasks.features.archive import read_feature_archive
 from tasks.features.config import FeaturesRecipe
 from tasks.features.sae import layer_activations, write_exemplars, write_sae_layer
 
@@ -48,7 +49,7 @@ def check_recipe(recipe: FeaturesRecipe) -> CachePlan:
     check_roles(recipe.eval, recipe.explainers)
     d_target = models.load_config(recipe.target).hidden_size
     if recipe.sae.import_archive:  # every pickle read (restricted) and checked before anything is written
-        imp.read_feature_archive(recipe.sae.import_archive, recipe.cache.layers, d_target, "sae.import_archive")
+        read_feature_archive(recipe.sae.import_archive, recipe.cache.layers, d_target, "sae.import_archive")
     for role, cfg in recipe.explainers.items():
         try:
             models.resolve(cfg.model)
@@ -74,7 +75,7 @@ def build_ground_truth(recipe: FeaturesRecipe, plan: CachePlan, key: str) -> dic
     """SAEs, feature activations, exemplars, labels and the split, all under dataset key `key`."""
     root = Path(plan.home)
     labels_ds = Dataset(root, "feature_labels", key)
-    if labels_ds.is_complete():
+    if labels_ds.complete_or_invalidate():
         return labels_ds.summary()
     if recipe.sae.import_archive:
         return import_ground_truth(recipe, plan, key)
@@ -124,7 +125,7 @@ def import_ground_truth(recipe: FeaturesRecipe, plan: CachePlan, key: str) -> di
     never fires positively still gets its best contexts, so every labelled feature can be scored)."""
     root = Path(plan.home)
     d = models.load_config(recipe.target).hidden_size
-    directions, labels = imp.read_feature_archive(recipe.sae.import_archive, recipe.cache.layers, d,
+    directions, labels = read_feature_archive(recipe.sae.import_archive, recipe.cache.layers, d,
                                                   "sae.import_archive")  # fmt: skip
     info = {"stage": STAGE, "version": STAGE_VERSION, "imported_from": recipe.sae.import_archive}
     feats, exemplars = Dataset(root, "features", key), Dataset(root, "exemplars", key)

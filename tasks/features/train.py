@@ -40,34 +40,39 @@ def training_subset(fs: FeatureSet, n_train: int | None, seed: int) -> FeatureSe
     return train.take(keep)
 
 
-def explainer_names(recipe: FeaturesRecipe) -> list[str]:
-    """Every explainer the recipe trains: each role, then `<role>/<ablation>` per prompt ablation, then
-    `<role>/rotated_basis` per rotated-basis role."""
+def variants(recipe: FeaturesRecipe) -> list[tuple[str, str]]:
+    """(role, variant) of every explainer the flow trains, as the outcome tasks name them: each role, then each
+    prompt omission of `omission_roles`, then the rotated basis of `rotated_basis_roles`."""
     ev = recipe.eval
-    return [*recipe.explainers, *(f"{r}/{a}" for r in ev.ablation_roles for a in ev.prompt_ablations),
-            *(f"{r}/{ex.ROTATED}" for r in ev.rotated_basis_roles)]  # fmt: skip
+    return [*((r, "trained") for r in recipe.explainers), *((r, a) for r in ev.omission_roles for a in ev.prompt_omissions),
+            *((r, ex.ROTATED) for r in ev.rotated_basis_roles)]  # fmt: skip
 
 
-def explainer_key(recipe: FeaturesRecipe, gt_key: str, name: str) -> str:
-    """Key of explainer `name` (see explainer_names): its ground truth, config, prompt mode and n_train."""
-    cfg = recipe.explainers[name.split("/")[0]]
-    return config_hash(
-        "explainer", STAGE_VERSION, {"gt": gt_key, "role": name, "cfg": cfg, "n_train": recipe.eval.n_train}
-    )
+def hashed_name(role: str, variant: str) -> str:
+    """How a features explainer's key has always spelled it (`self`, `self/no_layer`), so stored checkpoints keep
+    their keys."""
+    return role if variant == "trained" else f"{role}/{variant}"
 
 
-def explainer_dataset(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: str) -> Dataset:
-    return Dataset(Path(plan.home), "explainers", explainer_key(recipe, gt_key, name))
+def explainer_key(recipe: FeaturesRecipe, gt_key: str, role: str, variant: str) -> str:
+    """Key of an explainer: its ground truth, config, variant and n_train."""
+    return config_hash("explainer", STAGE_VERSION, {"gt": gt_key, "role": hashed_name(role, variant),
+                                                    "cfg": recipe.explainers[role], "n_train": recipe.eval.n_train})  # fmt: skip
 
 
-def train_explainer(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: str, progress=None) -> dict[str, Any]:
-    """Train explainer `name` (see explainer_names) on the train features; checkpoint under
+def explainer_dataset(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, role: str, variant: str) -> Dataset:
+    return Dataset(Path(plan.home), "explainers", explainer_key(recipe, gt_key, role, variant))
+
+
+def train_explainer(
+    recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, role: str, variant: str, progress=None
+) -> dict[str, Any]:
+    """Train an explainer (see variants) on the train features; checkpoint under
     tables/explainers/<key>. A '- activation' explainer is text-only: its queries carry no vector; a
     rotated-basis explainer reads Qv through the trained prompts."""
-    role, _, mode = name.partition("/")
     cfg = recipe.explainers[role]
-    out = explainer_dataset(recipe, plan, gt_key, name)
-    if out.is_complete():
+    out = explainer_dataset(recipe, plan, gt_key, role, variant)
+    if out.complete_or_invalidate():
         return {"path": str(out.path), **out.summary()}
     fs = training_subset(load_feature_set(Path(plan.home), gt_key), recipe.eval.n_train, cfg.seed)
     target = models.load_config(recipe.target)
@@ -77,11 +82,11 @@ def train_explainer(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: 
 
     # SAE decoder rows are directions (differences of residuals): nothing to centre (residual_inputs False)
     summary = train_to_checkpoint(
-        out, cfg, None if mode == "no_activation" else target.hidden_size, target.num_hidden_layers,
-        lambda e: feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), e.chat, cfg.seed, mode or "trained"),
-        {"role": name, "gt": gt_key, "task": "features", "target": recipe.target.model_dump(),
+        out, cfg, None if variant == "no_activation" else target.hidden_size, target.num_hidden_layers,
+        lambda e: feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), e.chat, cfg.seed, variant),
+        {"role": hashed_name(role, variant), "gt": gt_key, "task": "features", "target": recipe.target.model_dump(),
          "layers": recipe.cache.layers, "plan": plan.model_dump(exclude={"home"})}, progress,
-        ex.rotation_seed(cfg, mode),
+        ex.rotation_seed(cfg, variant),
         lambda e: fit_projection(e, cached(), ContextTexts(Path(plan.home), plan.tokens_key), cfg.fit_ridge,
                                  cfg.fit_rows, residual_inputs=False, seed=cfg.seed),
         lambda: residual_stats(cached(), residual_inputs=False),
@@ -92,11 +97,14 @@ def train_explainer(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: 
 @stage_task(
     "train-explainer",
     gpu=True,
-    output=lambda p: explainer_dataset(p["recipe"], p["plan"], p["gt_key"], p["name"]),
+    output=lambda p: explainer_dataset(p["recipe"], p["plan"], p["gt_key"], p["role"], p["variant"]),
 )
-def train_explainer_task(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, name: str) -> dict[str, Any]:
-    """Fine-tune one explainer (a role, or a role's prompt ablation) on the training features."""
+def train_explainer_task(
+    recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, role: str, variant: str
+) -> dict[str, Any]:
+    """Fine-tune one explainer (a role, or a role's prompt omission) on the training features."""
+    name = hashed_name(role, variant)
     progress = progress_reporter(
         f"train-explainer-{name.replace('/', '-').replace('_', '-')}", f"training the {name} explainer"
     )
-    return train_explainer(recipe, plan, gt_key, name, progress)
+    return train_explainer(recipe, plan, gt_key, role, variant, progress)

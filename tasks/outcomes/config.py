@@ -32,12 +32,17 @@ class OutcomeEvalConfig(StrictModel):
         le=MAX_LENGTH,
         description="Training rows whose explainer prompt is longer are skipped (the paper's 500).",
     )
-    prompt_ablations: list[Literal["no_activation", "no_layer", "no_token"]] = Field(
+    prompt_omissions: list[Literal["no_activation", "no_layer", "no_token"]] = Field(
         ["no_activation"],
+        json_schema_extra={"hashed_as": "prompt_ablations"},  # renamed: results keep their keys
         description="Patching only: explainers retrained with one part of every template removed (the paper's "
         "'- activation', '- layer', '- token'), each evaluated as its own method.",
     )
-    ablation_roles: list[str] = Field(["self"], description="Roles that get the prompt-ablation explainers.")
+    omission_roles: list[str] = Field(
+        ["self"],
+        description="Roles that get the prompt-omission explainers.",
+        json_schema_extra={"hashed_as": "ablation_roles"},  # renamed: results keep their keys
+    )
     rotated_basis_roles: list[str] = Field([], description="Patching only. " + ROTATED_BASIS_ROLES)
     vector_controls: bool = Field(
         True,

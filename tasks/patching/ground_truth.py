@@ -9,11 +9,15 @@ the greedy next token of the patched run is compared, by id, with the clean one.
 The sweep is batched: one forward of x' gives every layer's residual; the patched copies of x (one per
 position x chunk) run as a batch, each row with its own hook target, and only the last position's logits
 are computed. Facts are split into train/test by subject before pairing, so no prompt crosses splits (METHOD §5.3).
+
+Why one module of ~420 lines: the sweep and the act_patch importer write the same declared columns
+(COLUMNS), and the explainer reads either alike; they live beside the table they fill.
 """
 
 import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +28,7 @@ from storage.errors import UserInputError
 from storage.store import Dataset, store_root
 from tasks.common import models
 from tasks.common.activations import residual_stream
-from tasks.common.importers import ground_truth_key, import_act_patch, imported_or
+from tasks.common.importers import ground_truth_key, imported_or, read_rows, require_columns, table_row
 from tasks.common.models import LoadedModel, decoder_layers
 from tasks.common.orchestration import progress_reporter, stage_task
 from tasks.outcomes.facts import Fact, load_facts
@@ -43,6 +47,20 @@ class Pair:
     x_prime: Fact
     options: tuple[str, ...]  # five objects, then "unknown"
     split: str
+
+
+# `patching_gt` (and `patching_sweep`), in table order. The sweep and the act_patch importer both build their rows
+# with gt_row, so the two cannot drift apart.
+COLUMNS = ("pair_id", "split", "relation", "chunk", "layer", "input_text", "input_tokens", "original_continuation",
+           "ablated_continuation", "original_token_id", "ablated_token_id", "is_different", "orig_pos",
+           "orig_text_token", "counterfact_pos", "counterfact_text_token", "intervention_vector",
+           "counterfactual_text", "gt_original_target", "gt_counterfactual_target", "options", "token_type",
+           "token_string")  # fmt: skip
+
+
+def gt_row(**values: Any) -> dict[str, Any]:
+    """One `patching_gt` row, every column and only those, in table order."""
+    return table_row("patching_gt", COLUMNS, values)
 
 
 def layer_chunks(n_layers: int, n_chunks: int) -> list[list[int]]:
@@ -241,12 +259,16 @@ def sweep_pair(
     tp = tokenise(lm, text_p, (subj_p, subj_p + len(pair.x_prime.subject)))
     if not tx.subject or not tp.subject:
         return [], False
-    sx, ex_, sp, ep = tx.subject[0], tx.subject[-1], tp.subject[0], tp.subject[-1]
-    if tx.ids[:sx] != tp.ids[:sp] or tx.ids[ex_ + 1 :] != tp.ids[ep + 1 :]:
+    first_x, last_x, first_p, last_p = tx.subject[0], tx.subject[-1], tp.subject[0], tp.subject[-1]
+    if tx.ids[:first_x] != tp.ids[:first_p] or tx.ids[last_x + 1 :] != tp.ids[last_p + 1 :]:
         return [], False  # the subjects changed tokenisation outside themselves: no clean alignment
     types = token_types(text_x, tx, query_x, pair.x, pair)
     shift = len(tp.ids) - len(tx.ids)
-    aligned = [(t, t if t < sx else ep if t == ex_ else t + shift) for t in range(len(tx.ids)) if types[t] != "subject"]
+    aligned = [
+        (t, t if t < first_x else last_p if t == last_x else t + shift)
+        for t in range(len(tx.ids))
+        if types[t] != "subject"
+    ]
     rng = random.Random(cfg.seed * 100003 + pair_id)
     if cfg.positions_per_pair is not None and len(aligned) > cfg.positions_per_pair:
         must = [a for a in aligned if types[a[0]] != "other"]  # keep every typed position, sample the rest
@@ -264,17 +286,17 @@ def sweep_pair(
     option_first |= {tok(o, add_special_tokens=False)["input_ids"][0] for o in pair.options}
     rows = []
     for (chunk, t, tprime), (_, _, v), new in zip(sweep, patches, patched, strict=True):
-        rows.append({
-            "pair_id": pair_id, "split": pair.split, "relation": pair.x.relation, "chunk": chunks.index(chunk),
-            "layer": chunk, "input_text": text_x, "input_tokens": [tok.decode([i]) for i in tx.ids],
-            "original_continuation": [decode(clean)], "ablated_continuation": [decode(new)],
-            "original_token_id": clean, "ablated_token_id": new, "is_different": bool(new != clean),
-            "orig_pos": t, "orig_text_token": tok.decode([tx.ids[t]]), "counterfact_pos": tprime,
-            "counterfact_text_token": tok.decode([tp.ids[tprime]]), "intervention_vector": v.float().cpu().numpy(),
-            "counterfactual_text": text_p, "gt_original_target": pair.x.object,
-            "gt_counterfactual_target": pair.x_prime.object, "options": list(pair.options),
-            "token_type": types[t], "token_string": strings[t],
-        })  # fmt: skip
+        rows.append(gt_row(
+            pair_id=pair_id, split=pair.split, relation=pair.x.relation, chunk=chunks.index(chunk),
+            layer=chunk, input_text=text_x, input_tokens=[tok.decode([i]) for i in tx.ids],
+            original_continuation=[decode(clean)], ablated_continuation=[decode(new)],
+            original_token_id=clean, ablated_token_id=new, is_different=bool(new != clean),
+            orig_pos=t, orig_text_token=tok.decode([tx.ids[t]]), counterfact_pos=tprime,
+            counterfact_text_token=tok.decode([tp.ids[tprime]]), intervention_vector=v.float().cpu().numpy(),
+            counterfactual_text=text_p, gt_original_target=pair.x.object,
+            gt_counterfactual_target=pair.x_prime.object, options=list(pair.options),
+            token_type=types[t], token_string=strings[t],
+        ))  # fmt: skip
     return rows, clean in option_first
 
 
@@ -367,3 +389,35 @@ def patching_ground_truth(recipe: PatchingRecipe) -> dict[str, Any]:
         return write_patching_gt(models.load(recipe.target), recipe.patching, out, progress)
 
     return imported_or(out, recipe.patching, import_act_patch, sweep)
+
+
+ACT_PATCH_REQUIRED = ("layer", "input_tokens", "original_continuation", "ablated_continuation", "is_different")
+
+
+def import_act_patch(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """Public activation-patching rows (Transluce/act_patch_*, paper §4.4: layer, input_tokens,
+    original_continuation, ablated_continuation, is_different, patch_position{orig_pos, orig_text_token,
+    counterfact_pos, counterfact_text_token, intervention_vector}, counterfactual_text, gt_original_target,
+    gt_counterfactual_target, token_type) as `patching_gt` rows, the input text detokenised from input_tokens."""
+    rows = read_rows(path, "import.act_patch")
+    require_columns(rows, ACT_PATCH_REQUIRED, "import.act_patch", path)
+    out = []
+    for i, r in enumerate(rows):
+        pp = r.get("patch_position") or {}
+        vector = pp.get("intervention_vector")
+        if vector is None:
+            raise UserInputError("import.act_patch", f"row {i} has no patch_position.intervention_vector", "keep it")
+        out.append(gt_row(
+            pair_id=i, split=split, relation=r.get("relation", ""), chunk=-1,
+            layer=[int(x) for x in r["layer"]], input_text="".join(r["input_tokens"]),
+            input_tokens=list(r["input_tokens"]), original_continuation=list(r["original_continuation"]),
+            ablated_continuation=list(r["ablated_continuation"]), original_token_id=-1, ablated_token_id=-1,
+            is_different=bool(r["is_different"]), orig_pos=int(pp.get("orig_pos", -1)),
+            orig_text_token=pp.get("orig_text_token", ""), counterfact_pos=int(pp.get("counterfact_pos", -1)),
+            counterfact_text_token=pp.get("counterfact_text_token", ""),
+            intervention_vector=np.asarray(vector, dtype=np.float32),
+            counterfactual_text=r.get("counterfactual_text", ""), gt_original_target=r.get("gt_original_target", ""),
+            gt_counterfactual_target=r.get("gt_counterfactual_target", ""), options=[],
+            token_type=r.get("token_type", "other"), token_string=pp.get("orig_text_token", ""),
+        ))  # fmt: skip
+    return out

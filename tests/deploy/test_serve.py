@@ -134,7 +134,7 @@ def _bad_recipes(root: Path) -> dict[str, tuple[str, dict, str]]:
     """{name: (deployment, parameters, start of the one-line error)}: recipes the server's parameter schema
     takes, refused only by the flow's own recipe check (before it, each failed mid-run, e.g. with a KeyError)."""
     patching = tiny_patching_recipe(root / "patching").model_dump(mode="json")
-    patching["eval"]["ablation_roles"] = ["ghost"]
+    patching["eval"]["omission_roles"] = ["ghost"]
     ablation = tiny_ablation_recipe(root / "ablation").model_dump(mode="json")
     ablation["ablation"]["questions"] = str(root / "no-questions.jsonl")
     experiment = tiny_experiment_parameters(root / "experiment")["recipe"]
@@ -147,7 +147,7 @@ def _bad_recipes(root: Path) -> dict[str, tuple[str, dict, str]]:
     cache = {"home": str(root / "cache"), "model": {"name": "tiny-llama"}, "corpus": {"context_length": 16},
              "cache": {"layers": [1], "positions_per_context": 40}}  # fmt: skip
     return {
-        "patching": ("patching", {"recipe": patching}, "eval.ablation_roles: ['ghost'] are not explainer roles; fix: "),
+        "patching": ("patching", {"recipe": patching}, "eval.omission_roles: ['ghost'] are not explainer roles; fix: "),
         "ablation": ("ablation", {"recipe": ablation}, f"ablation.questions: {root}/no-questions.jsonl does not exist"),
         "experiment": ("experiment", {"recipe": experiment},
                        f"patching.patching.facts: {root}/no-facts.jsonl does not exist; fix: "),

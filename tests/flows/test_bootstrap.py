@@ -21,7 +21,7 @@ def trained(tmp_path_factory) -> Path:
     corpus.write_text(PROSE * 120)
     data = tiny_features_recipe(tmp / "store", corpus).model_dump()
     data["explainers"] = {"self": {**data["explainers"]["self"], "max_new_tokens": 6}}
-    data["eval"].update(prompt_ablations=[], rotated_basis_roles=[], selfie=False)
+    data["eval"].update(prompt_omissions=[], rotated_basis_roles=[], selfie=False)
     features(FeaturesRecipe.model_validate(data))
     return tmp / "store"
 

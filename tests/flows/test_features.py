@@ -23,7 +23,7 @@ def test_features_flow_fills_the_result_contract(tmp_path, text_file):
         ("selfie", "tiny-llama"), ("selfie_best_of_scales", "tiny-llama"), ("trained", "tiny-llama"), ("trained", "tiny-gemma3"),
         ("zero_vector", "tiny-llama"), ("zero_vector", "tiny-gemma3"),
         ("shuffled_vector", "tiny-llama"), ("shuffled_vector", "tiny-gemma3"),
-        ("no_activation", "tiny-llama"), ("no_layer", "tiny-llama"),  # the self explainer's prompt ablations
+        ("no_activation", "tiny-llama"), ("no_layer", "tiny-llama"),  # the self explainer's prompt omissions
         ("rotated_basis", "tiny-llama"),  # and its rotated-basis control
     }  # fmt: skip
     steps = con.execute("select method, value from metrics where metric = 'train_steps' and explainer_model = "
@@ -35,7 +35,7 @@ def test_features_flow_fills_the_result_contract(tmp_path, text_file):
     assert all(n == 8 and 0 <= v <= 1 and se == se for _, _, v, se, n in rows)  # se is not NaN
     for split in ("ood_act", "ood_delta"):  # every method but gold
         assert con.execute(f"select count(*) from metrics where split = '{split}'").fetchone()[0] == 13
-    # Privileged-access diagnostics: both scores for both trained explainers (not for the prompt ablations)
+    # Privileged-access diagnostics: both scores for both trained explainers (not for the prompt omissions)
     aligned = con.execute("select explainer_model, metric, value, n from metrics where task = 'alignment' "
                           "order by all").fetchall()  # fmt: skip
     assert [(e, m) for e, m, _, _ in aligned] == [
@@ -75,7 +75,7 @@ def test_features_flow_trains_on_an_imported_archive(tmp_path, text_file):
     data = tiny_features_recipe(tmp_path / "store", text_file).model_dump()
     data["sae"]["import_archive"] = str(tmp_path / "archive")
     data["explainers"] = {"self": data["explainers"]["self"]}
-    data["eval"].update(prompt_ablations=[], rotated_basis_roles=[], selfie=False)
+    data["eval"].update(prompt_omissions=[], rotated_basis_roles=[], selfie=False)
     recipe = FeaturesRecipe.model_validate(data)
     result = features(recipe)
     assert {k: result["ground_truth"][k] for k in ("labelled", "train", "test")} == {"labelled": 68, "train": 60,

@@ -156,7 +156,7 @@ def test_a_shard_changed_after_the_refresh_is_never_served(store):
     tampered[len(good) // 2] ^= 0xFF  # same size, other bytes: the refresh's sha256 catches it
     path.write_bytes(bytes(tampered))
     refresh_catalog(store)
-    assert not path.exists() and not Dataset(store, "numbers", "a").is_complete()  # withdrawn
+    assert not path.exists() and not Dataset(store, "numbers", "a").complete_or_invalidate()  # withdrawn
     with pytest.raises(UserInputError, match="Catalog Error"):
         run_query(store, "select * from numbers")
 

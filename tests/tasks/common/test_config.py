@@ -85,10 +85,10 @@ def test_every_config_field_is_documented():
         walk(recipe)
 
 
-def test_an_ablation_eval_key_set_alone_keeps_prompt_ablations_empty():
+def test_an_ablation_eval_key_set_alone_keeps_prompt_omissions_empty():
     # setting one eval key builds the eval section from its field defaults: ablation's must not be patching's
     recipe = AblationRecipe.model_validate({"eval": {"n_test": 5}})
-    assert recipe.eval.n_test == 5 and recipe.eval.prompt_ablations == []
+    assert recipe.eval.n_test == 5 and recipe.eval.prompt_omissions == []
 
 
 @pytest.mark.parametrize(
@@ -108,13 +108,13 @@ def test_an_ablation_eval_key_set_alone_keeps_prompt_ablations_empty():
         # a list is a set: a repeated value is a mistake, not a second run
         (ExperimentRecipe, ["grid.seeds=[1, 2, 1]"], "recipe field 'grid.seeds': 1 is given twice"),
         (ExperimentRecipe, ["grid.n_train=[64, 64]"], "recipe field 'grid.n_train': 64 is given twice"),
-        (PatchingRecipe, ["eval.ablation_roles=[self, self]"], "recipe field 'eval.ablation_roles': 'self' is given"),
+        (PatchingRecipe, ["eval.omission_roles=[self, self]"], "recipe field 'eval.omission_roles': 'self' is given"),
         (CalibrateRecipe, ["calibration.injections=[early_add, early_add]"], "recipe field 'calibration.injections': "
                                                                              "'early_add' is given twice"),
         (CacheRecipe, ["cache.layers=[1, 1]"], "recipe field 'cache.layers': 1 is given twice"),
         # the field as written: a union member's tag is no part of it
         (CalibrateRecipe, ["calibration.injections=[lasers]"], "recipe field 'calibration.injections.0': input should"),
-        (FeaturesRecipe, ["eval.prompt_ablations=[no_activation, 7]"], "recipe field 'eval.prompt_ablations.1': input"),
+        (FeaturesRecipe, ["eval.prompt_omissions=[no_activation, 7]"], "recipe field 'eval.prompt_omissions.1': input"),
     ],
 )  # fmt: skip
 def test_what_lax_validation_would_take_is_refused(kind, overrides, message):

@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.errors import UserInputError
-from tasks.common.importers import import_act_patch, import_input_ablation, read_feature_archive
+from tasks.ablation.ground_truth import import_input_ablation
+from tasks.features.archive import read_feature_archive
+from tasks.patching.ground_truth import import_act_patch
 from tests.factories import Payload, write_feature_archive
 
 ACT_PATCH_ROW = {

@@ -24,15 +24,15 @@ def test_grid_expands_task_by_seed_by_size_with_flat_baselines_once_per_task():
 def test_controls_run_only_in_their_cells():
     recipe = ExperimentRecipe(
         target=ModelConfig(name="tiny-llama"),
-        features={"eval": {"prompt_ablations": ["no_activation", "no_layer"], "rotated_basis_roles": ["self"]}},
-        patching={"eval": {"prompt_ablations": ["no_activation"], "rotated_basis_roles": ["self"]}},
+        features={"eval": {"prompt_omissions": ["no_activation", "no_layer"], "rotated_basis_roles": ["self"]}},
+        patching={"eval": {"prompt_omissions": ["no_activation"], "rotated_basis_roles": ["self"]}},
     )
     for task in ("features", "patching"):
         without = cell_recipe(recipe, Cell(task, 8, 0, False, False)).eval
-        assert without.prompt_ablations == [] and without.vector_controls is False
+        assert without.prompt_omissions == [] and without.vector_controls is False
         assert without.rotated_basis_roles == []
         with_ = cell_recipe(recipe, Cell(task, 16, 0, True, True)).eval
-        assert with_.prompt_ablations == getattr(recipe, task).eval.prompt_ablations and with_.vector_controls is True
+        assert with_.prompt_omissions == getattr(recipe, task).eval.prompt_omissions and with_.vector_controls is True
         assert with_.rotated_basis_roles == ["self"]
 
 
@@ -52,6 +52,6 @@ def test_bad_grid_and_task_sections_are_named():
     with pytest.raises(ValueError, match="n_train"):
         ExperimentRecipe(grid={"n_train": [0, 8]})
     recipe = ExperimentRecipe(target=ModelConfig(name="tiny-llama"), tasks=["patching"],
-                              patching={"eval": {"ablation_roles": ["ghost"]}})  # fmt: skip
-    with pytest.raises(UserInputError, match=r"^patching\.eval\.ablation_roles: \['ghost'\]"):
+                              patching={"eval": {"omission_roles": ["ghost"]}})  # fmt: skip
+    with pytest.raises(UserInputError, match=r"^patching\.eval\.omission_roles: \['ghost'\]"):
         check_recipe(recipe)

@@ -1,0 +1,103 @@
+"""Task B as an outcome task (tasks/outcomes/protocol.py): `patching_gt` rows become questions that carry the
+chunk-mean vector v of x' and ask whether patching it into x changes the next token, and to what."""
+
+import random
+
+import numpy as np
+
+from storage.errors import UserInputError
+from storage.store import Dataset, store_root
+from tasks.common import models
+from tasks.explainer.model import SPAN, Query
+from tasks.explainer.projection import LayerStats, residual_stats
+from tasks.outcomes.facts import load_facts
+from tasks.outcomes.protocol import OutcomeTask, Row
+from tasks.patching.config import PatchingConfig, PatchingRecipe
+from tasks.patching.ground_truth import import_act_patch, layer_chunks, make_pairs, patching_key
+from tasks.patching.prompts import DROP, PATCHING_TEMPLATES, ZERO_SHOT_PATCHING
+
+
+class Patching(OutcomeTask):
+    name = "patching"
+    table = "patching_gt"
+    carries_vector = True
+
+    def ground_truth(self, recipe: PatchingRecipe) -> Dataset:
+        return Dataset(store_root(recipe.home), self.table, patching_key(recipe))
+
+    def settings(self, recipe: PatchingRecipe) -> PatchingConfig:
+        return recipe.patching
+
+    def import_rows(self, path: str, split: str) -> list[Row]:
+        return import_act_patch(path, split)
+
+    def check_source(self, recipe: PatchingRecipe) -> None:
+        """The layer chunks of the target, and the fact file: parsed, and paired."""
+        layer_chunks(models.load_config(recipe.target).num_hidden_layers, recipe.patching.n_chunks)
+        if not make_pairs(load_facts(recipe.patching.facts), recipe.patching):
+            raise UserInputError("patching.facts", "no relation offers 5 distinct objects in both splits",
+                                 "add facts: 5 or more objects per relation")  # fmt: skip
+
+    def vector_sites(self, recipe: PatchingRecipe, imported: list[Row]) -> tuple[list[int], int, int]:
+        """Off the imported rows, or off the target's config and the layer chunks (a vector is indexed by its
+        chunk's first layer)."""
+        if imported:
+            firsts = sorted({r["layer"][0] for r in imported})
+            n_layers = max(max(r["layer"]) for r in imported) + 1
+            return firsts, n_layers, len(imported[0]["intervention_vector"])
+        target = models.load_config(recipe.target)
+        chunks = layer_chunks(target.num_hidden_layers, recipe.patching.n_chunks)
+        return [chunk[0] for chunk in chunks], target.num_hidden_layers, target.hidden_size
+
+    def dims(self, gt: Dataset) -> tuple[int, int]:
+        """Read off the ground truth, so imported ground truth of any target works. The layer count comes from
+        every row of both splits: a small training sample need not reach the deepest layer a test row names,
+        and Π_ℓ must exist for every ℓ the explainer will be asked about."""
+        first = next(gt.iter_shards(columns=["intervention_vector"]))  # one shard's vectors give the width
+        top = max(max(layers) for t in gt.iter_shards(columns=["layer"]) for layers in t.column("layer").to_pylist())
+        return len(first.column("intervention_vector")[0].as_py()), top + 1
+
+    def vector_stats(self, gt: Dataset) -> LayerStats:
+        """μ, σ of the train split's chunk-mean vectors per chunk (indexed, as Π is, by the chunk's first
+        layer), and c = μ, so what is injected is a vector's own part (pairwise cosine ≈ 0.55 raw, ≈ 0.04
+        centred). No label is read. Vectors taken at position 0, the attention sink whose norm is many times
+        the rest, are left out, as the activation cache leaves them out."""
+        by_layer: dict[int, list[np.ndarray]] = {}
+        for t in gt.iter_shards(columns=["split", "layer", "counterfact_pos", "intervention_vector"]):
+            for split, layers, pos, v in zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True):
+                by_layer.setdefault(layers[0], [])
+                if split == "train" and pos != 0:
+                    by_layer[layers[0]].append(np.asarray(v, dtype=np.float32))
+        if empty := [layer for layer, vs in sorted(by_layer.items()) if not vs]:
+            raise UserInputError("explainers.vector_norm", f"'layer_mean' has no training vector off position 0 "
+                                 f"for the chunk at layer {empty[0]}", "use 'match', or ground truth that trains "
+                                 "every chunk")  # fmt: skip
+        return residual_stats({layer: {"activation": np.stack(vs)} for layer, vs in by_layer.items()}, True)
+
+    def gold(self, row: Row) -> tuple[bool, str]:
+        """(changed, the patched run's next token)."""
+        return bool(row["is_different"]), row["ablated_continuation"][0]
+
+    def question(self, row: Row, mode: str, rng: random.Random) -> Query:
+        """v = the chunk-mean vector; Π (if any) is indexed by the chunk's first layer."""
+        template = rng.choice(PATCHING_TEMPLATES)
+        fields = {"layer": ", ".join(str(x) for x in row["layer"]), "tokens": f"<{row['orig_text_token']}>",
+                  "input": row["input_text"]}  # fmt: skip
+        if mode == "zero_shot":
+            template = ZERO_SHOT_PATCHING
+        if mode in DROP:
+            template = DROP[mode].sub("", template)
+        vector = np.asarray(row["intervention_vector"], dtype=np.float32)
+        if mode == "zero_vector":
+            vector = np.zeros_like(vector)
+        if mode == "no_activation":
+            text, vector = template.format(feature="", **fields).replace("feature  at", "feature at"), None
+        else:
+            text = template.format(feature=SPAN, **fields)
+        return Query(vector, int(row["layer"][0]), text, None, self.example_id(row))
+
+    def example_id(self, row: Row) -> str:
+        return f"pair{row['pair_id']}/c{row['chunk']}/t{row['orig_pos']}"
+
+
+PATCHING = Patching()
