@@ -1,0 +1,41 @@
+"""The training subsets behind the features data-efficiency curve."""
+
+import numpy as np
+import pytest
+
+from storage.errors import UserInputError
+from tasks.features.ground_truth import FeatureSet
+from tasks.features.train import training_subset
+
+
+def _features(n_train=10, n_test=3) -> FeatureSet:
+    split = np.array(["train", "test"] * n_test + ["train"] * (n_train - n_test), dtype=object)  # interleaved
+    n = len(split)
+    return FeatureSet(np.array([1, 3] * (n // 2) + [1] * (n % 2)), np.arange(n), [f"f{i}" for i in range(n)], split,
+                      np.arange(n * 2, dtype=np.float32).reshape(n, 2))  # fmt: skip
+
+
+def test_a_smaller_n_train_is_a_prefix_of_the_same_permutation_as_a_larger_one():
+    fs = _features()
+    train_ids = {i for i, s in enumerate(fs.split) if s == "train"}
+    subsets = [set(training_subset(fs, n, seed=4).feature_id.tolist()) for n in range(1, 11)]
+    assert [len(s) for s in subsets] == list(range(1, 11))
+    assert all(a < b for a, b in zip(subsets, subsets[1:], strict=False))  # nested, one feature added per size
+    assert subsets[-1] == train_ids  # n_train = all: every training feature, never a test one
+    assert set(training_subset(fs, None, seed=4).feature_id.tolist()) == train_ids
+    # the order they are added in is seed 4's permutation of the training rows
+    order = [next(iter(b - a)) for a, b in zip([set()] + subsets, subsets, strict=False)]
+    train_rows = sorted(train_ids)
+    assert order == [train_rows[i] for i in np.random.default_rng(4).permutation(10)]
+    # another seed, another subset; the same seed, the same one (labels and directions travel with the ids)
+    assert set(training_subset(fs, 4, seed=5).feature_id.tolist()) != subsets[3]
+    again = training_subset(fs, 4, seed=4)
+    assert set(again.feature_id.tolist()) == subsets[3]
+    assert again.label == [f"f{i}" for i in again.feature_id] and again.direction.tolist() == [
+        [2 * i, 2 * i + 1] for i in again.feature_id
+    ]
+
+
+def test_an_n_train_beyond_the_training_features_is_refused():
+    with pytest.raises(UserInputError, match="eval.n_train: 11 exceeds the 10 labelled training features"):
+        training_subset(_features(), 11, seed=0)
