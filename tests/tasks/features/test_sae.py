@@ -84,3 +84,29 @@ def test_a_layer_not_in_the_cache_is_named(home):
     assert layer_activations(acts, 1)["activation"].tolist() == [[1.0, 2.0]]
     with pytest.raises(UserInputError, match="layer 2 is not in the activation cache"):
         layer_activations(acts, 2)
+
+
+def test_exemplars_are_each_features_top_k_contexts_by_max_activation(home):
+    """Two layers in two shards (as write_sae_layer writes them), one feature id at both layers, a tie."""
+    fa = Dataset(home, "feature_activations", "k")
+    fa.create({})
+    rows = {  # (feature_id, context_id, position, value)
+        1: [(0, 10, 3, 2.0), (0, 10, 7, 5.0), (0, 4, 1, 5.0), (0, 8, 2, 1.0), (0, 8, 4, 0.5), (0, 6, 9, 3.0),
+            (2, 4, 5, 0.25)],
+        3: [(0, 4, 2, 9.0), (0, 8, 3, 1.0)],
+    }  # fmt: skip
+    for shard, (layer, rs) in enumerate(rows.items()):
+        cols = list(zip(*rs, strict=True))
+        fa.write_shard(shard, pa.table({
+            "layer": pa.array([layer] * len(rs), pa.int16()), "feature_id": pa.array(cols[0], pa.int32()),
+            "context_id": pa.array(cols[1], pa.int64()), "position": pa.array(cols[2], pa.int32()),
+            "token_id": pa.array([0] * len(rs), pa.int32()), "value": pa.array(cols[3], pa.float32()),
+        }))  # fmt: skip
+    assert write_exemplars(home, "k", n_exemplars=3) == 6
+    (table,) = Dataset(home, "exemplars", "k").iter_shards()
+    got = [(r["layer"], r["feature_id"], r["context_id"], r["max_value"], r["max_position"], r["rank"])
+           for r in table.to_pylist()]  # fmt: skip
+    # layer 1 feature 0, max per context: c4 5.0 @1, c10 5.0 @7 (tied: lower context first), c6 3.0 @9, c8 1.0
+    # (cut by k = 3); feature 2 has one context; layer 3's feature 0 is its own feature
+    assert got == [(1, 0, 4, 5.0, 1, 1), (1, 0, 10, 5.0, 7, 2), (1, 0, 6, 3.0, 9, 3), (1, 2, 4, 0.25, 5, 1),
+                   (3, 0, 4, 9.0, 2, 1), (3, 0, 8, 1.0, 3, 2)]  # fmt: skip
