@@ -55,7 +55,9 @@ def test_sampled_positions_do_not_depend_on_batching():
     whole = select_positions(cfg, np.arange(10), 16)
     parts = np.concatenate([select_positions(cfg, np.arange(0, 4), 16), select_positions(cfg, np.arange(4, 10), 16)])
     np.testing.assert_array_equal(whole, parts)
-    assert whole.min() >= 2 and whole.max() < 16
+    # each context's 3 positions: drawn from 2..15 without replacement by a generator seeded (seed, context_id)
+    hand = [sorted(np.random.default_rng([7, c]).choice(np.arange(2, 16), 3, replace=False)) for c in range(10)]
+    assert whole.tolist() == [[int(p) for p in row] for row in hand]
     assert all(len(set(row)) == 3 for row in whole)
     assert not np.array_equal(whole[0], whole[1])  # each context draws its own
 

@@ -186,7 +186,9 @@ def test_check_size_reads_a_large_corpus_only_as_far_as_it_needs(tmp_path, monke
 
     monkeypatch.setattr(corpus, "_file_documents", counting)
     corpus.check_size(CorpusConfig(source=str(path), n_tokens=2000, context_length=32))
-    assert 0 < len(read) < 20  # 190 bytes a document: about 11 cover 2000 tokens, of 5000
+    # need: ceil(2000 / 32) x 31 = 1953 stream tokens; a document bounds 190 bytes + 2 (dummy prefix, EOS):
+    # 10 give 1920, 11 give 2112, so it stops after the 11th of 5000
+    assert len(read) == 11
 
 
 @pytest.mark.parametrize(
