@@ -67,3 +67,35 @@ def test_cells_fanned_out_on_dask_workers_give_the_in_process_numbers(tmp_path, 
     with get_client(sync_client=True) as client:  # the dask run's cells were tasks of the Dask runner
         cells = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="experiment-cell")))
     assert sorted(r.state.name for r in cells) == ["Completed", "Completed"]
+
+
+def test_a_features_cell_with_a_nonzero_seed_carries_it_into_every_row(tmp_path, text_file):
+    """One cell of a two-seed grid (seed 3, no flat baselines, no controls), run as the experiment runs it:
+    every metrics row carries the grid seed, and nearest neighbour answers from that seed's training subset."""
+    import numpy as np
+
+    from flows.features import features
+    from tasks.experiment.grid import Cell, cell_recipe
+    from tasks.features.ground_truth import FeatureSet
+    from tasks.features.train import training_subset
+
+    text_file.write_text(text_file.read_text() * 6)
+    base = tiny_experiment(tmp_path, text_file)
+    one = base.features.model_copy(update={"explainers": {"self": base.features.explainers["self"]}})
+    recipe = base.model_copy(update={"features": one, "grid": base.grid.model_copy(update={"seeds": [0, 3]})})
+    result = features(cell_recipe(recipe, Cell("features", 4, 3, False, False)))
+    run_id = result["results"]["run_id"]
+    with connect_read_only(tmp_path / "store") as con:
+        seeds = con.execute(f"select distinct seed from metrics where run_id = '{run_id}'").fetchall()
+        trained = con.execute(f"select distinct n_train from metrics where run_id = '{run_id}' and "
+                              "method = 'trained' and metric = 'simulator_corr'").fetchall()  # fmt: skip
+        gt = con.execute("select layer, feature_id, label, split from feature_labels order by layer, feature_id")
+        layer, feature_id, label, split = zip(*gt.fetchall(), strict=True)
+        answered = con.execute(f"select distinct prediction from predictions where run_id = '{run_id}' and "
+                               "method = 'nearest_neighbor'").fetchall()  # fmt: skip
+    assert seeds == [(3,)] and trained == [(4,)]
+    fs = FeatureSet(np.array(layer), np.array(feature_id), list(label), np.array(split),
+                    np.zeros((len(layer), 1), dtype=np.float32))  # fmt: skip
+    subset = set(training_subset(fs, 4, 3).label)
+    assert {p for (p,) in answered} <= subset
+    assert training_subset(fs, 4, 3).ids() != training_subset(fs, 4, 0).ids()  # seed 0 would draw another

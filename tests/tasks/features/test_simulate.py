@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from tasks.features.labels import format_tokens_label
 from tasks.features.simulate import (
@@ -72,12 +73,24 @@ def test_lm_simulator_reads_one_expected_bin_per_exemplar_token():
     exemplars = [[" Paris", " is", " big"], ["Lyon", "!"]]
     preds = sim.predict('the token "Paris"', exemplars)
     assert [len(p) for p in preds] == [3, 2]
-    assert all(((p >= 0) & (p <= 9)).all() for p in preds)
+    # each value is the expected bin, sum_k k * softmax(logits of bins)_k, at the last simulator token of the
+    # exemplar token: computed here on each exemplar alone (byte tokenizer: that token ends at the same character)
+    tok = sim.lm.tokenizer
+    for toks, pred in zip(exemplars, preds, strict=True):
+        prefix = sim.PROMPT.format(description='the token "Paris"')
+        ids = tok(prefix + "".join(toks), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = sim.lm.model(input_ids=ids).logits[0].float()
+        ends = np.cumsum([len(t.encode()) for t in toks]) + len(prefix.encode()) - 1  # one token a byte
+        assert ids.shape[1] == len((prefix + "".join(toks)).encode())
+        hand = [float((logits[e, sim.bin_ids].softmax(-1) * torch.arange(10.0)).sum()) for e in ends]
+        np.testing.assert_allclose(pred, hand, rtol=0, atol=2e-3)  # alone vs in a right-padded batch
     # the prediction for a token depends only on the text up to it (causal LM): the same prefix, the same value
     again = sim.predict('the token "Paris"', [[" Paris", " is", " small", " today"]])
     np.testing.assert_allclose(again[0][:2], preds[0][:2], rtol=1e-5, atol=1e-5)
     score = simulator_score('the token "Paris"', exemplars, [np.array([3.0, 0, 0]), np.array([1.0, 0])], sim)
-    assert 0.0 <= score <= 1.0
+    hand = abs(np.corrcoef(np.concatenate(preds), [3.0, 0, 0, 1.0, 0])[0, 1])  # |Pearson|, pooled over 5 tokens
+    assert score == pytest.approx(hand, rel=1e-6)
 
 
 def test_labels_are_read_the_way_they_are_written():
