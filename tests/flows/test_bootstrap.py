@@ -56,12 +56,14 @@ def test_every_unlabelled_feature_is_described_and_a_sample_scored_beside_auto_i
     assert gain == [(min(5, eligible),)]
     cost = dict(con.execute("select method, value from metrics where metric = 'seconds_per_feature'").fetchall())
     assert set(cost) == {"trained", "auto_interp"} and all(v > 0 for v in cost.values())
+    (speedup,) = con.execute("select value from metrics where metric = 'speedup_over_auto_interp'").fetchone()
+    assert speedup == pytest.approx(cost["auto_interp"] / cost["trained"])
     coverage = con.execute("select value from metrics where metric = 'coverage'").fetchone()[0]
     assert coverage == 1.0  # every feature has a label of one kind or the other
     # a rerun finds both stages done: nothing is described or scored again, no row is added
     monkeypatch.setattr(explain, "describe", lambda *a, **k: pytest.fail("described again"))
     assert bootstrap(recipe)["run_id"] == result["run_id"]
-    assert _count(connect_read_only(trained), "select count(*) from metrics where task = 'bootstrap'") == 8
+    assert _count(connect_read_only(trained), "select count(*) from metrics where task = 'bootstrap'") == 9
 
 
 def test_a_lost_shard_is_described_again_alone_and_held_out_adds_the_test_features(trained, monkeypatch):

@@ -37,9 +37,9 @@ def test_controls_run_only_in_their_cells():
 
 
 def test_a_cell_is_its_task_recipe_with_this_size_seed_store_and_target():
-    recipe = ExperimentRecipe(home="/tmp/x", target=ModelConfig(name="tiny-llama"), grid={"n_train": [8, 16]})
+    recipe = ExperimentRecipe(home="store-x", target=ModelConfig(name="tiny-llama"), grid={"n_train": [8, 16]})
     feats = cell_recipe(recipe, Cell("features", 8, 3, False, False))
-    assert feats.home == "/tmp/x" and feats.target.name == "tiny-llama"
+    assert feats.home == "store-x" and feats.target.name == "tiny-llama"
     assert feats.eval.n_train == 8 and feats.eval.selfie is False
     assert {c.seed for c in feats.explainers.values()} == {3}
     patch = cell_recipe(recipe, Cell("patching", 16, 0, True, True))
