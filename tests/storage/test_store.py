@@ -100,7 +100,7 @@ def test_a_truncated_shard_withdraws_the_dataset_and_only_that_shard(home):
     ds = _complete(home)
     victim = ds.shard_path(1)
     victim.write_bytes(victim.read_bytes()[:-20])  # a torn write / full disk
-    assert not ds.is_complete()  # detected by size, the cheap check every stage and the catalog make
+    assert not ds.complete_or_invalidate()  # detected by size, the cheap check every stage and the catalog make
     assert not (ds.path / "_COMPLETE.json").exists() and not victim.exists()
     assert [ds.shard_done(i) for i in range(3)] == [True, False, True]  # a rerun rewrites shard 1 only
     assert list(complete_datasets(home)) == []
@@ -114,31 +114,46 @@ def test_a_corrupt_shard_is_caught_on_read_and_never_served(home):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
     victim.write_bytes(bytes(data))
-    assert ds.is_complete()  # the size check cannot see it ...
+    assert ds.complete_or_invalidate()  # the size check cannot see it ...
     assert ds.damaged(full=True) == {2: f"{victim} does not match its manifest sha256"}
     with pytest.raises(CorruptShardError, match="part-00002.parquet is corrupt"):
         list(ds.iter_shards())  # ... the read does, before serving it
-    assert not ds.is_complete() and [ds.shard_done(i) for i in range(3)] == [True, True, False]
+    assert not ds.complete_or_invalidate() and [ds.shard_done(i) for i in range(3)] == [True, True, False]
 
 
 def test_the_dataset_lock_serialises_writers(home):
+    """Two writers that provably run at the same time: b asks for the lock while a holds it (a waits for b's
+    request before letting go), and b gets it only after a released it."""
     import threading
 
     ds = Dataset(home, "acts", "k")
-    order = []
+    times: dict[str, float] = {}
+    a_holds, b_asks = threading.Event(), threading.Event()
 
-    def writer(name: str) -> None:
+    def a() -> None:
         with ds.lock():
-            order.append(f"{name} in")
-            time.sleep(0.2)
-            order.append(f"{name} out")
+            times["a in"] = time.monotonic()
+            a_holds.set()
+            assert b_asks.wait(10)  # bounded: a failure here shows as a missing "a out"
+            time.sleep(0.2)  # b is blocked in flock by now; a lock that let it in would show it in[b] < out[a]
+            times["a out"] = time.monotonic()
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in ("a", "b")]
+    def b() -> None:
+        assert a_holds.wait(10)
+        times["b asks"] = time.monotonic()
+        b_asks.set()
+        with ds.lock():
+            times["b in"] = time.monotonic()
+        times["b out"] = time.monotonic()
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+        t.join(30)
+    assert set(times) == {"a in", "a out", "b asks", "b in", "b out"}, times
+    assert times["a in"] < times["b asks"] < times["a out"]  # the two writers overlapped: b waited on a's lock
+    assert times["b in"] >= times["a out"]  # and held it only after a let go
 
 
 def test_config_hash_walks_nested_models_and_skips_resource_knobs():
