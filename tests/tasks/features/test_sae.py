@@ -31,6 +31,14 @@ def test_topk_sae_learns_a_sparse_dictionary():
     best = (atoms @ w.T).max(axis=1)  # how well each true atom is recovered by some decoder direction
     assert np.median(best) > 0.9
     rows, feats, vals = encode(sae, x[:100], scale, torch.device("cpu"))
+    # the sparse triples are exactly the nonzeros of the dense codes of the scaled inputs
+    with torch.no_grad():
+        dense = sae.encode(torch.from_numpy(x[:100].astype(np.float32) * scale)).numpy()
+    nz_rows, nz_feats = np.nonzero(dense > 0)
+    assert sorted(zip(rows.tolist(), feats.tolist(), strict=True)) == list(
+        zip(nz_rows.tolist(), nz_feats.tolist(), strict=True)
+    )
+    np.testing.assert_array_equal(vals, dense[rows, feats])
     assert (vals > 0).all() and np.bincount(rows, minlength=100).max() <= 2
 
 
