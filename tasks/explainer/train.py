@@ -4,6 +4,7 @@ every K steps with patience, learning rates per parameter group, resumable state
 
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -212,8 +213,12 @@ def train_to_checkpoint(
     state = out.path / "_train_state.pt"  # resume point at each validation; removed once the checkpoint is written
     result = train(explainer, [queries[i] for i in order[n_val:]], [queries[i] for i in order[:n_val]], progress,
                    state)  # fmt: skip
-    explainer.save(out.path / "checkpoint", {**meta, "n_train": len(queries), "steps": result.steps,
-                                             "best_step": result.best_step})  # fmt: skip
+    # Written aside, then moved into place: a save killed midway (the tokenizer and safetensors writers leave
+    # their own temp files) leaves only the aside folder, which the next run's `out.create` sweeps.
+    aside = out.path / f".checkpoint.tmp-{os.getpid()}"
+    explainer.save(aside, {**meta, "n_train": len(queries), "steps": result.steps, "best_step": result.best_step})
+    shutil.rmtree(out.path / "checkpoint", ignore_errors=True)
+    aside.rename(out.path / "checkpoint")
     n = len(result.val_steps)
     out.write_shard(0, pa.table({"role": [meta.get("role", "")] * n, "explainer_model": [cfg.model.name] * n,
                                  "step": result.val_steps, "train_loss": result.train_loss,

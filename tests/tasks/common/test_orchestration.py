@@ -95,7 +95,7 @@ def test_a_killed_holder_of_the_local_gpu_slot_frees_it_at_once(tmp_path, monkey
     lock = tmp_path / "gpu.lock"
     monkeypatch.setenv("SELFEXPLAIN_GPU_LOCK", str(lock))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "from tasks.orchestration import gpu_slot\nimport time\nwith gpu_slot():\n"
+        [sys.executable, "-c", "from tasks.common.orchestration import gpu_slot\nimport time\nwith gpu_slot():\n"
          "    print('held', flush=True)\n    time.sleep(600)"],
         env=dict(os.environ), stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
