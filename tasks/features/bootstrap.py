@@ -126,10 +126,8 @@ def describe_features(recipe: BootstrapRecipe, ck: explain.Checkpoint, progress=
         start = time.perf_counter()
         said = explain.describe(explainer, directions, part.column("layer").to_pylist())
         seconds = time.perf_counter() - start
-        out.write_shard(shard, pa.table({
-            "layer": part.column("layer"), "feature_id": part.column("feature_id"), "label": pa.array(said),
-            "labeler": pa.array([labeler_name(ck)] * part.num_rows), "split": part.column("split"),
-        }))  # fmt: skip
+        out.write_shard(shard, lab.label_table(part.column("layer").to_pylist(), part.column("feature_id").to_pylist(),
+                                               said, labeler_name(ck), part.column("split").to_pylist()))  # fmt: skip
         timing.write_text(json.dumps({"features": part.num_rows, "seconds": seconds}))
         if progress:
             progress((shard + 1) / n_shards, f"{min(todo.num_rows, (shard + 1) * recipe.shard_size)} described")

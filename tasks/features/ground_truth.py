@@ -159,11 +159,8 @@ def import_ground_truth(recipe: FeaturesRecipe, plan: CachePlan, key: str) -> di
                                                **{c: pa.array(vals) for c, vals in cols.items()}}))  # fmt: skip
     for ds in (feats, exemplars):
         ds.mark_complete({"layers": recipe.cache.layers})
-    table = pa.table({
-        "layer": pa.array([r[0] for r in labels], pa.int16()), "feature_id": pa.array([r[1] for r in labels], pa.int32()),
-        "label": pa.array([r[2] for r in labels]), "labeler": pa.array(["imported"] * len(labels)),
-        "split": pa.array([r[3] for r in labels]),
-    })  # fmt: skip
+    table = lab.label_table([r[0] for r in labels], [r[1] for r in labels], [r[2] for r in labels], "imported",
+                            [r[3] for r in labels])  # fmt: skip
     labels_ds = Dataset(root, "feature_labels", key)
     labels_ds.create({**info, "labels": recipe.labels.model_dump()})
     labels_ds.write_shard(0, table)
@@ -202,14 +199,7 @@ def _llm_labels(
         for _, _, cs, ps in rows
     ]
     descriptions = lab.llm_label(prompts, recipe.labels)
-    return pa.table(
-        {
-            "layer": pa.array([r[0] for r in rows], pa.int16()),
-            "feature_id": pa.array([r[1] for r in rows], pa.int32()),
-            "label": pa.array(descriptions),
-            "labeler": pa.array([f"llm:{recipe.labels.llm_model}"] * len(rows)),
-        }
-    )
+    return lab.label_table([r[0] for r in rows], [r[1] for r in rows], descriptions, f"llm:{recipe.labels.llm_model}")
 
 
 @dataclass

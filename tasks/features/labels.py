@@ -77,14 +77,7 @@ def tokens_labels(
             layers.append(layer)
             features.append(feature)
             labels.append(format_tokens_label(strings))
-    return pa.table(
-        {
-            "layer": pa.array(layers, pa.int16()),
-            "feature_id": pa.array(features, pa.int32()),
-            "label": pa.array(labels),
-            "labeler": pa.array(["tokens"] * len(labels)),
-        }
-    )
+    return label_table(layers, features, labels, "tokens")
 
 
 def exemplar_snippets(rows: Sequence[tuple[list[str], int]], width: int = 12) -> str:
@@ -103,3 +96,20 @@ def llm_label(prompts: Sequence[str], cfg: LabelConfig, max_new_tokens: int = 16
         raise UserInputError("labels.llm_model", "the llm labeler needs a model", "set labels.llm_model")
     replies = complete(prompts, cfg.llm_model, "labels.llm_model", cfg.llm_base_url, max_new_tokens)
     return [r.strip(" .:") for r in replies]
+
+
+def label_table(
+    layers: Sequence[int],
+    feature_ids: Sequence[int],
+    labels: Sequence[str],
+    labeler: str,
+    splits: Sequence[str] | None = None,
+) -> pa.Table:
+    """Rows of `feature_labels`, whose columns are declared here once for every writer (the tokens and LM
+    labelers, the archive importer, the bootstrapping loop): layer, feature_id, label, labeler, and split once
+    it is drawn."""
+    columns = {"layer": pa.array(layers, pa.int16()), "feature_id": pa.array(feature_ids, pa.int32()),
+               "label": pa.array(labels, pa.string()), "labeler": pa.array([labeler] * len(labels), pa.string())}  # fmt: skip
+    if splits is not None:
+        columns["split"] = pa.array(splits, pa.string())
+    return pa.table(columns)

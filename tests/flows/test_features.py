@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from flows.features import features
 from storage.catalog import connect_read_only
@@ -32,7 +33,12 @@ def test_features_flow_fills_the_result_contract(tmp_path, text_file):
     best = con.execute("select method, value from metrics where metric = 'best_step' and explainer_model = "
                        "'tiny-llama' order by method").fetchall()  # fmt: skip
     assert [m for m, _ in best] == [m for m, _ in steps] and all(b in (1.0, 2.0) for _, b in best)  # a validation step
-    assert all(n == 8 and 0 <= v <= 1 and se == se for _, _, v, se, n in rows)  # se is not NaN
+    # each row is its method's mean over the 8 held-out items' scores in `predictions`, with the sample SE
+    per_item = {(m, e): (v, se) for m, e, v, se in con.execute(
+        "select method, explainer_model, avg(score), stddev_samp(score) / sqrt(count(*)) from predictions "
+        "where task = 'features' and split = 'test' group by all").fetchall()}  # fmt: skip
+    for m, e, v, se, n in rows:
+        assert n == 8 and (v, se) == pytest.approx(per_item[(m, e)], abs=1e-12), (m, e)
     for split in ("ood_act", "ood_delta"):  # every method but gold
         assert con.execute(f"select count(*) from metrics where split = '{split}'").fetchone()[0] == 13
     # Privileged-access diagnostics: both scores for both trained explainers (not for the prompt omissions)

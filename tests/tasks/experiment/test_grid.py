@@ -51,7 +51,10 @@ def test_a_cell_is_its_task_recipe_with_this_size_seed_store_and_target():
 def test_bad_grid_and_task_sections_are_named():
     with pytest.raises(ValueError, match="n_train"):
         ExperimentRecipe(grid={"n_train": [0, 8]})
+    # tiny explainers: the check resolves every explainer's model before the roles (the default other, Gemma,
+    # would be converted from its GGUF first, a minute)
     recipe = ExperimentRecipe(target=ModelConfig(name="tiny-llama"), tasks=["patching"],
-                              patching={"eval": {"omission_roles": ["ghost"]}})  # fmt: skip
+                              patching={"explainers": {"self": {"model": {"name": "tiny-llama"}}},
+                                        "eval": {"omission_roles": ["ghost"]}})  # fmt: skip
     with pytest.raises(UserInputError, match=r"^patching\.eval\.omission_roles: \['ghost'\]"):
         check_recipe(recipe)
