@@ -142,7 +142,8 @@ def tiny_patching_recipe(home) -> PatchingRecipe:
         explainers={
             **tiny_explainers(),
             "self": tiny_explainers()["self"].model_copy(update={"injection": "residual", "vector_norm": "layer_mean"}),
-        },  # the shipped self explainer's form
+            "other": tiny_explainers()["other"].model_copy(update={"projection": "fitted"}),
+        },  # the shipped explainers' forms
         eval={"n_train": 24, "n_test": 10, "max_prompt_tokens": 4000, "rotated_basis_roles": ["self"]},
     )
 

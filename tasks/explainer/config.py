@@ -36,7 +36,8 @@ class ExplainerConfig(StrictModel):
         description="Per-target-layer projection Π_ℓ: 'auto' a random one only when widths differ, 'always' a "
         "random one whatever the widths, 'fitted' one fitted without labels by ridge regression from the "
         "target's cached residuals to the explainer's embeddings of the same tokens, then trained on "
-        "(tasks/explainer/projection.py; injection 'embedding', tasks with an activation cache: features, calibrate).",
+        "(tasks/explainer/projection.py; injection 'embedding'; features and calibrate fit it on the activation "
+        "cache, patching on the chunk-mean states of its train prompts).",
     )
     fit_ridge: float = Field(
         0.01, gt=0, description="projection 'fitted': ridge penalty, relative to the mean variance of a coordinate."

@@ -5,8 +5,9 @@ tasks/ablation/task.py) each supply, so that one training (tasks/outcomes/train.
 A task names its ground-truth table and the recipe section that builds or imports it; it checks what its
 ground-truth stage will read; it turns a row into the explainer's question (in any mode of
 tasks.outcomes.answers.MODES), its gold (changed, content) pair and its example id; and it says whether its
-questions carry a vector. Where they do (patching), the vector controls, the prompt omissions, the rotated basis
-and vector_norm 'layer_mean' apply, and the task says where its vectors enter and how they are distributed.
+questions carry a vector. Where they do (patching), the vector controls, the prompt omissions, the rotated basis,
+vector_norm 'layer_mean' and projection 'fitted' apply, and the task says where its vectors enter, how they are
+distributed and how Π is fitted to them.
 """
 
 import random
@@ -20,8 +21,8 @@ import numpy as np
 
 from storage.errors import UserInputError
 from storage.store import Dataset
-from tasks.explainer.model import ROTATED, Query, shuffled_donors
-from tasks.explainer.projection import LayerStats
+from tasks.explainer.model import ROTATED, Explainer, Query, shuffled_donors
+from tasks.explainer.projection import LayerStats, ProjectionFit
 from tasks.outcomes.answers import MODES, target
 
 Row = dict[str, Any]  # a row of the task's ground-truth table
@@ -62,6 +63,11 @@ class OutcomeTask(ABC):
     @abstractmethod
     def vector_stats(self, gt: Dataset) -> LayerStats | None:
         """Where the vectors lie, for vector_norm 'layer_mean' (None: no vector)."""
+
+    def projection_fit(self, recipe: Any, gt: Dataset, explainer: Explainer) -> ProjectionFit:
+        """Π of `projection: fitted` for `explainer`, fitted without labels on the train split (only tasks whose
+        questions carry a vector override it; `registry.check_recipe` refuses 'fitted' for the others)."""
+        raise ValueError(f"{self.name} questions carry no vector: there is no Π to fit")
 
     @abstractmethod
     def gold(self, row: Row) -> tuple[bool, str]:

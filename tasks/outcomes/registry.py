@@ -50,9 +50,9 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
             models.resolve(explainer.model)
         except UserInputError as err:
             raise UserInputError(f"explainers.{role}.model.name", err.problem, err.fix) from None
-        if explainer.projection == "fitted":
-            raise UserInputError(f"explainers.{role}.projection", f"'fitted' is fitted on an activation cache, which "
-                                 f"the {task.name} task does not build", "use projection 'auto' or 'always'")  # fmt: skip
+        if explainer.projection == "fitted" and not task.carries_vector:
+            raise UserInputError(f"explainers.{role}.projection", f"'fitted' maps a vector, and {task.name} "
+                                 "questions carry none", "use projection 'auto'")  # fmt: skip
         if explainer.vector_norm == "layer_mean" and not task.carries_vector:
             raise UserInputError(f"explainers.{role}.vector_norm", f"'layer_mean' writes a vector, and {task.name} "
                                  "questions carry none", "use 'match'")  # fmt: skip

@@ -62,8 +62,9 @@ def train_outcome_explainer(recipe: OutcomeRecipe, role: str, variant: str, prog
     d_target, n_layers = task.dims(gt)
     meta = {"role": role, "variant": variant, "task": task.name, "gt": gt.key, "target": recipe.target.model_dump()}
     stats = (lambda: task.vector_stats(gt)) if task.carries_vector else None
+    fit = (lambda e: task.projection_fit(recipe, gt, e)) if task.carries_vector else None
     summary = train_to_checkpoint(out, cfg, d_target, n_layers, make_queries, meta, progress,
-                                  ex.rotation_seed(cfg, variant), stats=stats)  # fmt: skip
+                                  ex.rotation_seed(cfg, variant), fit, stats)  # fmt: skip
     return {"path": str(out.path), **summary}
 
 

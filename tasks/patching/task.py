@@ -2,18 +2,21 @@
 chunk-mean vector v of x' and ask whether patching it into x changes the next token, and to what."""
 
 import random
+from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from storage.errors import UserInputError
 from storage.store import Dataset, store_root
 from tasks.common import models
-from tasks.explainer.model import SPAN, Query
-from tasks.explainer.projection import LayerStats, residual_stats
+from tasks.common.models import LoadedModel
+from tasks.explainer.model import SPAN, Explainer, Query
+from tasks.explainer.projection import LayerStats, ProjectionFit, fit_projection, residual_stats
 from tasks.outcomes.facts import load_facts
 from tasks.outcomes.protocol import OutcomeTask, Row
 from tasks.patching.config import PatchingConfig, PatchingRecipe
-from tasks.patching.ground_truth import import_act_patch, layer_chunks, make_pairs, patching_key
+from tasks.patching.ground_truth import all_layers, import_act_patch, layer_chunks, make_pairs, patching_key
 from tasks.patching.prompts import DROP, PATCHING_TEMPLATES, ZERO_SHOT_PATCHING
 
 
@@ -74,6 +77,21 @@ class Patching(OutcomeTask):
                                  "every chunk")  # fmt: skip
         return residual_stats({layer: {"activation": np.stack(vs)} for layer, vs in by_layer.items()}, True)
 
+    def projection_fit(self, recipe: PatchingRecipe, gt: Dataset, explainer: Explainer) -> ProjectionFit:
+        """Π of `projection: fitted`, without labels: the target's chunk-mean states at the tokens of the train
+        split's prompts (x and x'; no continuation is read), paired with the explainer's tokens that end at the
+        same character, fitted as the features flow fits its activation cache (tasks/explainer/projection.py).
+        The vectors the explainer is asked about are such states, so Π is fitted on their own distribution,
+        and centred by its mean (c = μ, as vector_stats centres them)."""
+        columns = ["split", "layer", "input_text", "counterfactual_text"]
+        train = [r for t in gt.iter_shards(columns=columns) for r in t.to_pylist() if r["split"] == "train"]
+        chunks = sorted({tuple(r["layer"]) for r in train})
+        texts = sorted({r[c] for r in train for c in ("input_text", "counterfactual_text")})
+        cfg = explainer.cfg
+        states, pieces = prompt_states(models.load(recipe.target), texts, chunks, cfg.fit_rows, cfg.seed)
+        return fit_projection(explainer, states, pieces, cfg.fit_ridge, cfg.fit_rows, residual_inputs=True,
+                              seed=cfg.seed)  # fmt: skip
+
     def gold(self, row: Row) -> tuple[bool, str]:
         """(changed, the patched run's next token)."""
         return bool(row["is_different"]), row["ablated_continuation"][0]
@@ -98,6 +116,50 @@ class Patching(OutcomeTask):
 
     def example_id(self, row: Row) -> str:
         return f"pair{row['pair_id']}/c{row['chunk']}/t{row['orig_pos']}"
+
+
+class PromptPieces:
+    """The target's token strings of each prompt, behind an empty start piece, as `fit_projection` reads a
+    context (`ContextTexts.tokens`): position p is the prompt's token p − 1."""
+
+    def __init__(self, pieces: list[list[str]]) -> None:
+        self._pieces = pieces
+
+    def tokens(self, context_id: int) -> list[str]:
+        return ["", *self._pieces[int(context_id)]]
+
+
+@torch.inference_mode()
+def prompt_states(
+    lm: LoadedModel, texts: Sequence[str], chunks: Sequence[Sequence[int]], max_rows: int, seed: int
+) -> tuple[dict[int, dict[str, np.ndarray]], PromptPieces]:
+    """({chunk's first layer: `sae.layer_activations`-shaped arrays of the chunk-mean block outputs}, the
+    prompts' token strings) at `max_rows` seeded token positions of `texts`, tokenised as the sweep tokenises
+    them. The first token (the attention sink) and special tokens are left out: neither is text a token of
+    another tokenizer ends on, and the sink's norm is many times the rest."""
+    special = set(lm.tokenizer.all_special_ids)
+    encoded = [lm.tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in texts]
+    sites = [(c, i) for c, enc in enumerate(encoded) for i, tid in enumerate(enc["input_ids"])
+             if i > 0 and tid not in special]  # fmt: skip
+    keep = sorted(sites[j] for j in np.random.default_rng(seed).permutation(len(sites))[:max_rows])
+    pieces = []
+    for enc, text in zip(encoded, texts, strict=True):  # contiguous pieces: their ends are the offsets' ends
+        ends = [b for _, b in enc["offset_mapping"]]
+        pieces.append([text[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)])
+    arrays: dict[int, dict[str, list]] = {c[0]: {"activation": [], "token_id": [], "context_id": [], "position": []}
+                                          for c in chunks}  # fmt: skip
+    for c in sorted({c for c, _ in keep}):
+        at = [i for cc, i in keep if cc == c]
+        h = all_layers(lm, encoded[c]["input_ids"])[:, at]  # [n_layers, P, d]
+        for chunk in chunks:
+            a = arrays[chunk[0]]
+            a["activation"].append(h[list(chunk)].mean(0).cpu().numpy())  # [P, d]: v as the sweep computes it
+            a["token_id"] += [encoded[c]["input_ids"][i] for i in at]
+            a["context_id"] += [c] * len(at)
+            a["position"] += [i + 1 for i in at]
+    out = {layer: {"activation": np.concatenate(a["activation"]), **{k: np.asarray(a[k], dtype=np.int64)
+           for k in ("token_id", "context_id", "position")}} for layer, a in arrays.items()}  # fmt: skip
+    return out, PromptPieces(pieces)
 
 
 PATCHING = Patching()

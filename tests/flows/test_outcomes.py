@@ -48,6 +48,9 @@ def test_flow_fills_metrics_for_every_method(tmp_path, flow, make, methods, tabl
     assert n_pred == len(methods) * min(n_test, recipe.eval.n_test)
     em_pred = con.execute("select avg(score) from predictions where method = 'majority'").fetchone()[0]
     assert em_pred == pytest.approx(metrics[("majority", "", "exact_match")][0])
+    if flow is patching:  # the other explainer's Π was fitted for every chunk (layers 0-1 and 2-3)
+        meta = json.loads((Path(result["explainers"]["other/trained"]) / "checkpoint" / "explainer.json").read_text())
+        assert sorted(meta["fit_pairs"]) == ["0", "2"] and min(meta["fit_pairs"].values()) > 0
     # A rerun finds every stage complete and writes nothing new.
     again = flow(recipe)
     assert again["results"]["run_id"] == result["results"]["run_id"]

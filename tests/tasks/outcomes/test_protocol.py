@@ -8,9 +8,10 @@ from storage.store import Dataset
 from tasks.ablation.config import AblationRecipe
 from tasks.ablation.task import ABLATION
 from tasks.outcomes.protocol import load_rows
-from tasks.outcomes.registry import task_of
+from tasks.outcomes.registry import check_recipe, task_of
 from tasks.patching.config import PatchingRecipe
 from tasks.patching.task import PATCHING
+from tests.factories import tiny_ablation_recipe
 
 
 def _gt(tmp_path, n_train: int, n_test: int) -> Dataset:
@@ -41,3 +42,12 @@ def test_each_recipe_type_has_its_task_and_variants():
     assert PATCHING.variants(patching) == [("self", "trained"), ("other", "trained"), ("self", "no_activation"),
                                            ("self", "rotated_basis")]  # fmt: skip
     assert ABLATION.variants(AblationRecipe()) == [("self", "trained"), ("other", "trained")]
+
+
+def test_a_fitted_projection_is_refused_where_questions_carry_no_vector(tmp_path):
+    recipe = tiny_ablation_recipe(tmp_path)
+    other = recipe.explainers["other"].model_copy(update={"projection": "fitted"})
+    recipe = recipe.model_copy(update={"explainers": {**recipe.explainers, "other": other}})
+    with pytest.raises(UserInputError, match="explainers.other.projection: 'fitted' maps a vector, and ablation"):
+        check_recipe(recipe)
+    assert not any(tmp_path.iterdir())  # refused before anything is written

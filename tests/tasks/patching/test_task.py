@@ -7,10 +7,13 @@ import pytest
 
 from storage.errors import UserInputError
 from storage.store import Dataset
+from tasks.common import models
 from tasks.explainer.model import SPAN
 from tasks.outcomes.protocol import load_rows
+from tasks.patching.ground_truth import all_layers
 from tasks.patching.prompts import DROP, PATCHING_TEMPLATES
-from tasks.patching.task import PATCHING
+from tasks.patching.task import PATCHING, prompt_states
+from tests.factories import TARGET
 
 ROW = {"pair_id": 3, "chunk": 1, "orig_pos": 5, "layer": [2, 3], "orig_text_token": " Paris",
        "input_text": "The capital of France is", "intervention_vector": [1.0, -2.0, 0.5],
@@ -91,3 +94,22 @@ def test_vector_stats_refuse_a_chunk_with_no_training_vector(tmp_path):
     gt.mark_complete({})
     with pytest.raises(UserInputError, match="no training vector off position 0 for the chunk at layer 0"):
         PATCHING.vector_stats(gt)
+
+
+def test_prompt_states_are_the_sweeps_chunk_means_at_every_text_token_but_the_first():
+    """What a fitted Π of patching is fitted on: v as the sweep computes it (the mean over the chunk's layers of
+    the block outputs), at each token of each prompt but the first, with the token's string at position + 1."""
+    lm = models.load(TARGET)
+    texts = ["Paris is in France", "Rome is"]
+    states, pieces = prompt_states(lm, texts, [(0, 1), (2, 3)], max_rows=1000, seed=0)
+    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert sorted(states) == [0, 2]  # indexed by each chunk's first layer
+    s = states[2]
+    assert s["context_id"].tolist() == [0] * (len(ids[0]) - 1) + [1] * (len(ids[1]) - 1)
+    assert s["position"].tolist() == [*range(2, len(ids[0]) + 1), *range(2, len(ids[1]) + 1)]
+    assert s["token_id"].tolist() == ids[0][1:] + ids[1][1:]
+    h = all_layers(lm, ids[1])  # [n_layers, T, d]
+    np.testing.assert_allclose(s["activation"][-1], h[2:4, -1].mean(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(states[0]["activation"][len(ids[0]) - 1], h[0:2, 1].mean(0).numpy(), rtol=1e-6)
+    assert "".join(pieces.tokens(0)) == texts[0] and pieces.tokens(1)[0] == ""  # the empty start piece
+    assert len(prompt_states(lm, texts, [(0, 1)], max_rows=3, seed=0)[0][0]["position"]) == 3  # seeded cap
