@@ -221,10 +221,15 @@ class Dataset:
         """Marked complete by its writer (nothing read beyond the marker, nothing changed)."""
         return (self.path / "_COMPLETE.json").exists()
 
+    def intact(self) -> bool:
+        """Marked complete, and every shard present at its manifest size: what a recipe check asks, reading
+        only (a check writes and deletes nothing; the stage that owns the dataset repairs it)."""
+        return self.marked_complete() and not self.damaged(full=False)
+
     def complete_or_invalidate(self) -> bool:
         """True when marked complete and every shard is present at its manifest size. Otherwise False, and a
         damaged dataset is un-completed here: its marker and its damaged shards are deleted (`invalidate`), so
-        the next run of its stage recomputes just those shards. `marked_complete` reads without deleting."""
+        the next run of its stage recomputes just those shards. `intact` asks the same without deleting."""
         if not self.marked_complete():
             return False
         problems = self.damaged(full=False)

@@ -207,7 +207,7 @@ def _feature(ck: Checkpoint, home: str | Path | None, layer: int, feature_id: in
     root = store_root(home)
     gt = str(ck.meta.get("gt", ""))
     feats = Dataset(root, "features", gt)
-    if not gt or not feats.complete_or_invalidate():
+    if not gt or not feats.intact():
         raise UserInputError("feature", f"the features ground truth of this explainer ({gt or 'none recorded'}) "
                              f"is not in the store {root}", "point --home at the store it was trained in")  # fmt: skip
     labels = Dataset(root, "feature_labels", gt).shard_files()

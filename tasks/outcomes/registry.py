@@ -42,7 +42,7 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
                 raise UserInputError(f"{task.name}.{name}", err.problem, err.fix) from None
     else:
         models.resolve(recipe.target)
-        if not gt.complete_or_invalidate():
+        if not gt.intact():
             task.check_source(recipe)
     sites = task.vector_sites(recipe, imported)  # where vectors enter (the same for every role)
     for role, explainer in recipe.explainers.items():
@@ -58,7 +58,7 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
                                  "questions carry none", "use 'match'")  # fmt: skip
         if sites is not None:
             ex.check_injection(explainer, *sites, f"explainers.{role}")
-    if recipe.eval.n_train is not None and gt.complete_or_invalidate():  # known only once the ground truth exists
+    if recipe.eval.n_train is not None and gt.intact():  # known only once the ground truth exists
         n = sum(s == "train" for t in gt.iter_shards(columns=["split"]) for s in t.column("split").to_pylist())
         if recipe.eval.n_train > n:
             raise UserInputError("eval.n_train", f"{recipe.eval.n_train} exceeds the {n} training rows of {gt.table}",

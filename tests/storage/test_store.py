@@ -98,8 +98,10 @@ def _complete(home, key="k", shards=3) -> Dataset:
 
 def test_a_truncated_shard_withdraws_the_dataset_and_only_that_shard(home):
     ds = _complete(home)
+    assert ds.intact()
     victim = ds.shard_path(1)
     victim.write_bytes(victim.read_bytes()[:-20])  # a torn write / full disk
+    assert not ds.intact() and (ds.path / "_COMPLETE.json").exists() and victim.exists()  # asked, nothing deleted
     assert not ds.complete_or_invalidate()  # detected by size, the cheap check every stage and the catalog make
     assert not (ds.path / "_COMPLETE.json").exists() and not victim.exists()
     assert [ds.shard_done(i) for i in range(3)] == [True, False, True]  # a rerun rewrites shard 1 only
