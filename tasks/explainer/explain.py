@@ -295,7 +295,7 @@ def explain_patch(ck: Checkpoint, recipe: ExplainRecipe) -> list[dict[str, Any]]
     chunk-mean residual of x' at `counterfactual_position` (v exactly as the sweep computes it), and with
     `check` the real outcome of that patch on the target beside it."""
     from tasks.outcomes.answers import target
-    from tasks.patching.ground_truth import all_layers, next_tokens
+    from tasks.patching.sweep import all_layers, next_tokens
     from tasks.patching.task import PATCHING
 
     root = store_root(recipe.home)

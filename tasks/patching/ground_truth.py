@@ -7,11 +7,10 @@ layers of h_l(x')[t'] replaces the residual at t in *every* layer of the chunk w
 the greedy next token of the patched run is compared, by id, with the clean one.
 
 The sweep is batched: one forward of x' gives every layer's residual; the patched copies of x (one per
-position x chunk) run as a batch, each row with its own hook target, and only the last position's logits
-are computed. Facts are split into train/test by subject before pairing, so no prompt crosses splits (METHOD §5.3).
-
-Why one module of ~420 lines: the sweep and the act_patch importer write the same declared columns
-(COLUMNS), and the explainer reads either alike; they live beside the table they fill.
+position x chunk) run in batches from the clean run of x (tasks/patching/sweep.py), and only the last
+position's logits are computed. Facts are split into train/test by subject before pairing, so no prompt
+crosses splits (METHOD §5.3). The sweep and the act_patch importer write the same declared columns (COLUMNS),
+and the explainer reads either alike; they live beside the table they fill.
 """
 
 import json
@@ -22,21 +21,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from storage.errors import UserInputError
 from storage.store import Dataset, store_root
 from tasks.common import models
-from tasks.common.activations import residual_stream
 from tasks.common.importers import ground_truth_key, imported_or, read_rows, require_columns, table_row
-from tasks.common.models import LoadedModel, decoder_layers
+from tasks.common.models import LoadedModel
 from tasks.common.orchestration import progress_reporter, stage_task
 from tasks.outcomes.facts import Fact, load_facts
 from tasks.patching.config import PatchingConfig, PatchingRecipe
+from tasks.patching.sweep import all_layers, next_tokens
 
 STAGE = "patching_gt"
-STAGE_VERSION = 3  # 2: the sweep shares the clean prefix (bf16 rounding of labels may differ from 1); 3: the
-# last chunk's v is the mean of block outputs (2 took the last block's after the final norm)
+STAGE_VERSION = 4  # 2: the sweep shares the clean prefix (bf16 rounding of labels may differ from 1); 3: the
+# last chunk's v is the mean of block outputs (2 took the last block's after the final norm); 4: a patched
+# batch starts at its chunk's first block from the clean residual (rounding of labels may differ from 3)
 SYSTEM_PROMPT = "You are a helpful assistant. Answer with one of the offered options."
 WORKED_EXAMPLE = ("The chemical symbol of gold is", ["Ag", "Au", "Fe", "Pb", "Cu"], "Au")
 
@@ -165,86 +164,6 @@ def token_types(text: str, tok: Tokenised, query: tuple[int, int], fact: Fact, p
                     else:
                         types[i] = "other_answer_option"
     return types
-
-
-class _Patch:
-    """Forward hooks that pin h[row, pos[row]] = vec[row] at every layer in the row's chunk."""
-
-    def __init__(self, lm: LoadedModel, rows_layers: list[list[int]], pos: torch.Tensor, vec: torch.Tensor):
-        self.handles = []
-        blocks = decoder_layers(lm.model)
-        for layer in sorted({layer for ls in rows_layers for layer in ls}):
-            rows = torch.tensor([r for r, ls in enumerate(rows_layers) if layer in ls], dtype=torch.long)
-            self.handles.append(blocks[layer].register_forward_hook(self._hook(rows, pos[rows], vec[rows])))
-
-    @staticmethod
-    def _hook(rows: torch.Tensor, pos: torch.Tensor, vec: torch.Tensor):
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-            h = output[0] if isinstance(output, tuple) else output
-            h = h.clone()  # build the patched tensor explicitly (METHOD §4.3), replacing, not adding (METHOD §6.1)
-            h[rows.to(h.device), pos.to(h.device)] = vec.to(device=h.device, dtype=h.dtype)
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-
-        return hook
-
-    def __enter__(self) -> "_Patch":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def all_layers(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
-    """Residual stream after every block, [n_layers, T, d]: the blocks' outputs, where a patch writes (HF's
-    last hidden state is after the final norm, which would put a normed vector into the last chunk's v)."""
-    out = residual_stream(lm, torch.tensor([ids]), list(range(lm.n_layers)))  # {layer: [1, T, d]}
-    return torch.stack([out[layer][0].float() for layer in range(lm.n_layers)])
-
-
-@torch.inference_mode()
-def next_tokens(lm: LoadedModel, ids: list[int], patches: list[tuple[list[int], int, torch.Tensor]] | None,
-                batch_size: int, reuse_prefix: bool = True) -> list[int]:  # fmt: skip
-    """Greedy next-token ids of x: clean (patches None) or one per (chunk layers, position t, vector).
-
-    A patch at position t changes nothing before t (attention is causal). So the patches are taken in order
-    of t, and each batch runs the clean prefix ids[:t0] once (t0: the batch's first patched position),
-    repeats its KV cache over the batch, and runs only the suffix ids[t0:] with the patches pinned: the work
-    per batch of B drops from B*T tokens to t0 + B*(T - t0). `reuse_prefix=False` runs every row over all of
-    ids (the reference the benchmark and the tests compare with)."""
-    device = lm.runtime.device
-    if patches is None:
-        with lm.runtime.autocast_context():
-            return (
-                lm.model(input_ids=torch.tensor([ids], device=device), logits_to_keep=1)
-                .logits[:, -1]
-                .argmax(-1)
-                .tolist()
-            )
-    order = sorted(range(len(patches)), key=lambda i: patches[i][1])
-
-    def run(size: int) -> list[int]:
-        out = [0] * len(patches)
-        for start in range(0, len(order), size):
-            rows = order[start : start + size]
-            batch = [patches[i] for i in rows]
-            t0 = batch[0][1] if reuse_prefix else 0
-            cache = None
-            with lm.runtime.autocast_context():
-                if t0 > 0:
-                    prefix = torch.tensor([ids[:t0]], device=device)
-                    cache = lm.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
-                    cache.batch_repeat_interleave(len(batch))
-                suffix = torch.tensor([ids[t0:]] * len(batch), device=device)  # [B, T - t0]
-                pos = torch.tensor([t - t0 for _, t, _ in batch])  # the patched position within the suffix
-                with _Patch(lm, [c[0] for c in batch], pos, torch.stack([c[2] for c in batch])):
-                    logits = lm.model(input_ids=suffix, past_key_values=cache, use_cache=cache is not None,
-                                      logits_to_keep=1).logits[:, -1]  # fmt: skip
-            for i, token in zip(rows, logits.argmax(-1).tolist(), strict=True):
-                out[i] = token
-        return out
-
-    return models.oom_backoff(run, batch_size, "patching sweep")
 
 
 def sweep_pair(

@@ -16,8 +16,9 @@ from tasks.explainer.projection import LayerStats, ProjectionFit, fit_projection
 from tasks.outcomes.facts import load_facts
 from tasks.outcomes.protocol import OutcomeTask, Row
 from tasks.patching.config import PatchingConfig, PatchingRecipe
-from tasks.patching.ground_truth import all_layers, import_act_patch, layer_chunks, make_pairs, patching_key
+from tasks.patching.ground_truth import import_act_patch, layer_chunks, make_pairs, patching_key
 from tasks.patching.prompts import DROP, PATCHING_TEMPLATES, ZERO_SHOT_PATCHING
+from tasks.patching.sweep import all_layers
 
 
 class Patching(OutcomeTask):

@@ -10,8 +10,8 @@ from storage.store import Dataset
 from tasks.common import models
 from tasks.explainer.model import SPAN
 from tasks.outcomes.protocol import load_rows
-from tasks.patching.ground_truth import all_layers
 from tasks.patching.prompts import DROP, PATCHING_TEMPLATES
+from tasks.patching.sweep import all_layers
 from tasks.patching.task import PATCHING, prompt_states
 from tests.factories import TARGET
 
