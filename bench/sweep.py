@@ -47,7 +47,8 @@ def main() -> None:
         work.append((ids, [(r["layer"], r["orig_pos"], torch.tensor(r["intervention_vector"])) for r in rows]))
     n = sum(len(p) for _, p in work)
     mean_t = np.mean([t / len(ids) for ids, p in work for _, t, _ in p])
-    paths = {"ours": (32, "all"), "prefix_only": (32, "prefix"), "batched_full": (32, "none"),
+    size = PatchingConfig().batch_size  # the sweep's; the two references at the sweep's earlier default, 32
+    paths = {"ours": (size, "all"), "prefix_only": (32, "prefix"), "batched_full": (32, "none"),
              "one_per_patch": (1, "none")}  # fmt: skip
     times = {name: [] for name in paths}
     outputs = {}

@@ -28,7 +28,14 @@ class PatchingConfig(StrictModel):
         le=MAX_LENGTH,
         description="Positions swept per pair: every typed position plus sampled others; null = all.",
     )
-    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Patched copies of x per forward pass.")
+    batch_size: int = Field(
+        8,
+        gt=0,
+        le=MAX_BATCH,
+        description="Patched copies of x per forward pass, all of one chunk; a batch's suffix starts at its first "
+        "position, so smaller batches share more of the prefix (8 is the fastest on a 2-core CPU, bench/sweep.py); "
+        "raise it on a GPU.",
+    )
     pairs_per_shard: int = Field(10, gt=0, le=MAX_BATCH, description="Pairs per sweep shard (the unit of resume).")
     cell_cap: int = Field(
         60, gt=0, le=MAX_ITEMS, description="Balancing: at most this many rows per (token type, chunk, changed)."
