@@ -30,7 +30,7 @@ from storage.store import Dataset
 from tasks.common import models
 from tasks.common.activations import CachePlan, activations_dataset, plan_cache
 from tasks.common.corpus import ContextTexts
-from tasks.common.orchestration import progress_reporter, stage_task
+from tasks.common.orchestration import complete_or, progress_reporter, stage_task
 from tasks.common.results import Metric, Prediction, record_run, recorded
 from tasks.explainer import model as ex
 from tasks.explainer.config import CalibrateRecipe, ExplainerConfig
@@ -164,18 +164,19 @@ def explainer_dataset(recipe: CalibrateRecipe, plan: CachePlan, injection: str) 
 def train_explainer(recipe: CalibrateRecipe, plan: CachePlan, injection: str, progress=None) -> dict[str, Any]:
     """Train the explainer under one injection mode on the train tokens; checkpoint under tables/explainers."""
     out = explainer_dataset(recipe, plan, injection)
-    if out.complete_or_invalidate():
-        return {"path": str(out.path), **out.summary()}
-    train, test = calibration_items(recipe, plan)
-    target = models.load_config(recipe.target)
-    summary = train_to_checkpoint(
-        out, explainer_config(recipe, injection), target.hidden_size, target.num_hidden_layers,
-        lambda e: queries(train, [it.vector for it in train], e.chat, with_answers=True),
-        {"role": f"calibration/{injection}", "activations": plan.activations_key}, progress,
-        fit=lambda e: fit_on_train_types(recipe, plan, e, test),
-        stats=lambda: layer_stats(recipe, plan),
-    )  # fmt: skip
-    return {"path": str(out.path), **summary}
+
+    def fit_explainer() -> dict[str, Any]:
+        train, test = calibration_items(recipe, plan)
+        target = models.load_config(recipe.target)
+        return train_to_checkpoint(
+            out, explainer_config(recipe, injection), target.hidden_size, target.num_hidden_layers,
+            lambda e: queries(train, [it.vector for it in train], e.chat, with_answers=True),
+            {"role": f"calibration/{injection}", "activations": plan.activations_key}, progress,
+            fit=lambda e: fit_on_train_types(recipe, plan, e, test),
+            stats=lambda: layer_stats(recipe, plan),
+        )  # fmt: skip
+
+    return complete_or(out, fit_explainer)
 
 
 def fit_on_train_types(recipe: CalibrateRecipe, plan: CachePlan, explainer: ex.Explainer, test: list[Item]):

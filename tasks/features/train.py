@@ -12,7 +12,7 @@ from storage.store import Dataset
 from tasks.common import models
 from tasks.common.activations import CachePlan, activations_dataset
 from tasks.common.corpus import ContextTexts
-from tasks.common.orchestration import progress_reporter, stage_task
+from tasks.common.orchestration import complete_or, progress_reporter, stage_task
 from tasks.explainer import model as ex
 from tasks.explainer.projection import fit_projection, residual_stats
 from tasks.explainer.train import train_to_checkpoint
@@ -72,26 +72,27 @@ def train_explainer(
     rotated-basis explainer reads Qv through the trained prompts."""
     cfg = recipe.explainers[role]
     out = explainer_dataset(recipe, plan, gt_key, role, variant)
-    if out.complete_or_invalidate():
-        return {"path": str(out.path), **out.summary()}
-    fs = training_subset(load_feature_set(Path(plan.home), gt_key), recipe.eval.n_train, cfg.seed)
-    target = models.load_config(recipe.target)
 
-    def cached() -> dict[int, dict[str, np.ndarray]]:
-        return {layer: layer_activations(activations_dataset(plan), layer) for layer in recipe.cache.layers}
+    def fit_explainer() -> dict[str, Any]:
+        fs = training_subset(load_feature_set(Path(plan.home), gt_key), recipe.eval.n_train, cfg.seed)
+        target = models.load_config(recipe.target)
 
-    # SAE decoder rows are directions (differences of residuals): nothing to centre (residual_inputs False)
-    summary = train_to_checkpoint(
-        out, cfg, None if variant == "no_activation" else target.hidden_size, target.num_hidden_layers,
-        lambda e: feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), e.chat, cfg.seed, variant),
-        {"role": hashed_name(role, variant), "gt": gt_key, "task": "features", "target": recipe.target.model_dump(),
-         "layers": recipe.cache.layers, "plan": plan.model_dump(exclude={"home"})}, progress,
-        ex.rotation_seed(cfg, variant),
-        lambda e: fit_projection(e, cached(), ContextTexts(Path(plan.home), plan.tokens_key), cfg.fit_ridge,
-                                 cfg.fit_rows, residual_inputs=False, seed=cfg.seed),
-        lambda: residual_stats(cached(), residual_inputs=False),
-    )  # fmt: skip
-    return {"path": str(out.path), **summary}
+        def cached() -> dict[int, dict[str, np.ndarray]]:
+            return {layer: layer_activations(activations_dataset(plan), layer) for layer in recipe.cache.layers}
+
+        # SAE decoder rows are directions (differences of residuals): nothing to centre (residual_inputs False)
+        return train_to_checkpoint(
+            out, cfg, None if variant == "no_activation" else target.hidden_size, target.num_hidden_layers,
+            lambda e: feature_queries(fs.direction, fs.layer, fs.label, fs.ids(), e.chat, cfg.seed, variant),
+            {"role": hashed_name(role, variant), "gt": gt_key, "task": "features", "target": recipe.target.model_dump(),
+             "layers": recipe.cache.layers, "plan": plan.model_dump(exclude={"home"})}, progress,
+            ex.rotation_seed(cfg, variant),
+            lambda e: fit_projection(e, cached(), ContextTexts(Path(plan.home), plan.tokens_key), cfg.fit_ridge,
+                                     cfg.fit_rows, residual_inputs=False, seed=cfg.seed),
+            lambda: residual_stats(cached(), residual_inputs=False),
+        )  # fmt: skip
+
+    return complete_or(out, fit_explainer)
 
 
 @stage_task(

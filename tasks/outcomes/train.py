@@ -11,7 +11,7 @@ from typing import Any
 from storage.errors import UserInputError
 from storage.hashing import config_hash
 from storage.store import Dataset, store_root
-from tasks.common.orchestration import progress_reporter, stage_task
+from tasks.common.orchestration import complete_or, progress_reporter, stage_task
 from tasks.explainer import model as ex
 from tasks.explainer.train import train_to_checkpoint
 from tasks.outcomes.protocol import load_rows
@@ -43,29 +43,30 @@ def explainer_dataset(recipe: OutcomeRecipe, role: str, variant: str) -> Dataset
 def train_outcome_explainer(recipe: OutcomeRecipe, role: str, variant: str, progress=None) -> dict[str, Any]:
     """Fine-tune the explainer of `role` on the train rows; checkpoint under tables/explainers/<key>."""
     out = explainer_dataset(recipe, role, variant)
-    if out.complete_or_invalidate():
-        return {"path": str(out.path), **out.summary()}
-    task, cfg, ev = task_of(recipe), recipe.explainers[role], recipe.eval
-    gt = task.ground_truth(recipe)
-    rows = load_rows(gt, "train", ev.n_train, ev.seed)
 
-    def make_queries(e: ex.Explainer) -> list[ex.Query]:
-        qs = task.queries(rows, question_mode(variant), cfg.seed, with_answer=True)
-        eos = e.tokenizer.eos_token
-        # The paper's filters: no continuation holding the explainer's EOS; prompts up to max_prompt_tokens.
-        kept = [q for q in qs if eos not in q.answer and len(e.prompt_ids(q)) <= ev.max_prompt_tokens]
-        if qs and not kept:
-            raise UserInputError("eval.max_prompt_tokens", f"every training prompt is longer than "
-                                 f"{ev.max_prompt_tokens} explainer tokens", "raise it")  # fmt: skip
-        return kept
+    def fit_explainer() -> dict[str, Any]:
+        task, cfg, ev = task_of(recipe), recipe.explainers[role], recipe.eval
+        gt = task.ground_truth(recipe)
+        rows = load_rows(gt, "train", ev.n_train, ev.seed)
 
-    d_target, n_layers = task.dims(gt)
-    meta = {"role": role, "variant": variant, "task": task.name, "gt": gt.key, "target": recipe.target.model_dump()}
-    stats = (lambda: task.vector_stats(gt)) if task.carries_vector else None
-    fit = (lambda e: task.projection_fit(recipe, gt, e)) if task.carries_vector else None
-    summary = train_to_checkpoint(out, cfg, d_target, n_layers, make_queries, meta, progress,
-                                  ex.rotation_seed(cfg, variant), fit, stats)  # fmt: skip
-    return {"path": str(out.path), **summary}
+        def make_queries(e: ex.Explainer) -> list[ex.Query]:
+            qs = task.queries(rows, question_mode(variant), cfg.seed, with_answer=True)
+            eos = e.tokenizer.eos_token
+            # The paper's filters: no continuation holding the explainer's EOS; prompts up to max_prompt_tokens.
+            kept = [q for q in qs if eos not in q.answer and len(e.prompt_ids(q)) <= ev.max_prompt_tokens]
+            if qs and not kept:
+                raise UserInputError("eval.max_prompt_tokens", f"every training prompt is longer than "
+                                     f"{ev.max_prompt_tokens} explainer tokens", "raise it")  # fmt: skip
+            return kept
+
+        d_target, n_layers = task.dims(gt)
+        meta = {"role": role, "variant": variant, "task": task.name, "gt": gt.key, "target": recipe.target.model_dump()}
+        stats = (lambda: task.vector_stats(gt)) if task.carries_vector else None
+        fit = (lambda e: task.projection_fit(recipe, gt, e)) if task.carries_vector else None
+        return train_to_checkpoint(out, cfg, d_target, n_layers, make_queries, meta, progress,
+                                      ex.rotation_seed(cfg, variant), fit, stats)  # fmt: skip
+
+    return complete_or(out, fit_explainer)
 
 
 @stage_task(
