@@ -8,7 +8,7 @@ Each task's own configs live in its folder (tasks/<task>/config.py); tasks/recip
 import functools
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Self, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -105,7 +105,8 @@ class CorpusConfig(StrictModel):
     source: str = Field(
         "builtin:python-docs",
         description="'builtin:python-docs' (Python's reference topics plus stdlib, numpy and torch docstrings: "
-        "about 2.3M SmolLM2 tokens, on every install), or a path: a .txt/.jsonl/.parquet file, a folder of them, or a datasets save_to_disk folder.",
+        "about 2.3M SmolLM2 tokens, on every install), or a path: a .txt/.jsonl/.parquet file, a folder of them, "
+        "or a datasets save_to_disk folder.",
     )
     text_field: str = Field("text", description="Column / JSON key holding the text (jsonl, parquet, datasets).")
     n_tokens: int = Field(
@@ -160,32 +161,35 @@ def check_positions(corpus: CorpusConfig, cache: CacheConfig) -> None:
                              f"{cache.skip_first})", f"use at most {storable}, or null to store all")  # fmt: skip
 
 
-class CacheRecipe(StrictModel):
+class CacheRecipeBase(StrictModel):
+    """What every recipe that caches the target's residual stream holds: the store, the corpus and the cache,
+    checked together. Its subclasses add the target under their own name (`model`, `target`), the name their
+    recipes and hashes have always used."""
+
+    home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
+    corpus: CorpusConfig = Field(
+        default_factory=CorpusConfig, description="Text the target reads; its activations are cached."
+    )
+    cache: CacheConfig = Field(
+        default_factory=CacheConfig, description="Layers and positions of the residual stream cached."
+    )
+
+    @model_validator(mode="after")
+    def _positions_fit(self) -> Self:
+        check_positions(self.corpus, self.cache)
+        return self
+
+
+class CacheRecipe(CacheRecipeBase):
     """Recipe of the cache-activations flow: run `model` over `corpus` and store the residual stream."""
 
-    home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The target model.")
-    corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="The text it reads.")
-    cache: CacheConfig = Field(default_factory=CacheConfig, description="What is recorded.")
-
-    @model_validator(mode="after")
-    def _positions_fit(self) -> "CacheRecipe":
-        check_positions(self.corpus, self.cache)
-        return self
 
 
-class CachedRecipe(StrictModel):
+class CachedRecipe(CacheRecipeBase):
     """What the recipes that start from the target's activation cache share: store, target, corpus, cache."""
 
-    home: str | None = Field(None, description="Store root; null uses $SELFEXPLAIN_HOME or ./.selfexplain.")
     target: ModelConfig = Field(default_factory=ModelConfig, description="The frozen target model.")
-    corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="Text whose activations are cached.")
-    cache: CacheConfig = Field(default_factory=CacheConfig, description="Layers and positions cached.")
-
-    @model_validator(mode="after")
-    def _positions_fit(self) -> "CachedRecipe":
-        check_positions(self.corpus, self.cache)
-        return self
 
     def cache_recipe(self) -> CacheRecipe:
         """The cache-activations recipe the flow runs first (same store, model, corpus, cache)."""
