@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.common.config import MAX_BATCH, MAX_ITEMS, SEED, StrictModel
+from tasks.common.config import MAX_BATCH, SEED, StrictModel, count_cap
 from tasks.outcomes.config import OutcomeEvalConfig, OutcomeRecipeBase
 
 AnswerFormat = Literal["letter", "calibrated_letter", "option_text"]
@@ -16,9 +16,7 @@ class AblationConfig(StrictModel):
     questions: str | None = Field(
         None, description="Question file: null for the built-in bank, or an MMLU-format .jsonl/.parquet."
     )
-    n_questions: int | None = Field(
-        None, gt=0, le=MAX_ITEMS, description="Use at most this many questions; null uses all."
-    )
+    n_questions: int | None = count_cap("Use at most this many questions")
     answer_format: AnswerFormat = Field(
         "calibrated_letter",
         description="How the target's answer is read: 'letter' (argmax over the four letter tokens after "

@@ -26,6 +26,12 @@ MAX_SEED = 2**32 - 1  # numpy, torch and random all take 0..2**32-1
 SEED = {"ge": 0, "le": MAX_SEED}
 
 
+def count_cap(description: str) -> Any:
+    """The field of an `int | None` that caps how many of something a stage uses: a positive count up to
+    MAX_ITEMS, null (the default) for all of them. `description` says what is capped."""
+    return Field(None, gt=0, le=MAX_ITEMS, description=f"{description}; null uses all.")
+
+
 def _leaf_types(annotation: Any) -> set[Any]:
     """The scalar types a field holds: through Optional/Union, list and Annotated (not into dicts or models)."""
     origin = get_origin(annotation)

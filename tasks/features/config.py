@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from storage.errors import UserInputError
-from tasks.common.config import MAX_BATCH, MAX_ITEMS, MAX_SEED, SEED, CachedRecipe, StrictModel
+from tasks.common.config import MAX_BATCH, MAX_ITEMS, MAX_SEED, SEED, CachedRecipe, StrictModel, count_cap
 from tasks.explainer.config import ROTATED_BASIS_ROLES, ExplainerConfig, other_explainer, self_explainer
 
 
@@ -69,10 +69,8 @@ class LabelConfig(StrictModel):
 class FeatureEvalConfig(StrictModel):
     """What the features flow measures."""
 
+    n_train: int | None = count_cap("Cap on training features (all layers)")
     test_per_layer: int = Field(50, gt=0, le=MAX_ITEMS, description="Held-out features per layer (split by feature).")
-    n_train: int | None = Field(
-        None, gt=0, le=MAX_ITEMS, description="Cap on training features (all layers); null uses all."
-    )
     ood_act_per_layer: int = Field(
         25,
         ge=0,

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.common.config import MAX_ITEMS, MAX_LENGTH, SEED, ModelConfig, StrictModel
+from tasks.common.config import MAX_LENGTH, SEED, ModelConfig, StrictModel, count_cap
 from tasks.explainer.config import ROTATED_BASIS_ROLES, ExplainerConfig, other_explainer, self_explainer
 
 
@@ -17,15 +17,8 @@ def outcome_explainers() -> dict[str, "ExplainerConfig"]:
 class OutcomeEvalConfig(StrictModel):
     """What the patching and ablation flows train and measure (paper §4.5-4.7, §5.3)."""
 
-    n_train: int | None = Field(
-        None,
-        gt=0,
-        le=MAX_ITEMS,
-        description="Cap on training rows (a seeded sample of the train split); null uses all.",
-    )
-    n_test: int | None = Field(
-        None, gt=0, le=MAX_ITEMS, description="Cap on test rows (a seeded sample of the test split); null uses all."
-    )
+    n_train: int | None = count_cap("Cap on training rows (a seeded sample of the train split)")
+    n_test: int | None = count_cap("Cap on test rows (a seeded sample of the test split)")
     max_prompt_tokens: int = Field(
         500,
         gt=0,
