@@ -23,12 +23,11 @@ import pyarrow as pa
 import torch
 
 from storage.errors import UserInputError
-from storage.store import Dataset, store_root
+from storage.store import Dataset
 from tasks.ablation.config import AblationConfig, AblationRecipe, AnswerFormat
 from tasks.common import models
-from tasks.common.importers import ground_truth_key, imported_or, read_rows, require_columns, table_row
+from tasks.common.importers import ground_truth_key, ground_truth_task, read_rows, require_columns, table_row
 from tasks.common.models import LoadedModel
-from tasks.common.orchestration import stage_task
 from tasks.outcomes.facts import Question, load_questions
 
 STAGE = "ablation_gt"
@@ -226,22 +225,6 @@ def ablation_key(recipe: AblationRecipe) -> str:
     return ground_truth_key(STAGE, STAGE_VERSION, recipe.target, recipe.ablation, "ablation")
 
 
-@stage_task(
-    "ablation-ground-truth",
-    gpu=True,
-    output=lambda p: Dataset(store_root(p["recipe"].home), STAGE, ablation_key(p["recipe"])),
-)
-def ablation_ground_truth(recipe: AblationRecipe) -> dict[str, Any]:
-    """Ask every question with and without the hint and write `ablation_gt`."""
-    out = Dataset(store_root(recipe.home), STAGE, ablation_key(recipe))
-    return imported_or(
-        out,
-        recipe.ablation,
-        import_input_ablation,
-        lambda: write_ablation_gt(models.load(recipe.target), recipe.ablation, out),
-    )
-
-
 ABLATION_REQUIRED = ("question", "choices", "zeroshot_prediction", "random_hint_prediction", "hint_user_prompt")
 
 
@@ -269,3 +252,9 @@ def import_input_ablation(path: str | Path, split: str = "train") -> list[dict[s
             zeroshot_greedy_token="", hint_greedy_token="", changed_pred_bc_hint=changed,
         ))  # fmt: skip
     return out
+
+
+@ground_truth_task(STAGE, ablation_key, "ablation", import_input_ablation)
+def ablation_ground_truth(recipe: AblationRecipe, out: Dataset) -> dict[str, Any]:
+    """Ask every question with and without the hint and write `ablation_gt`."""
+    return write_ablation_gt(models.load(recipe.target), recipe.ablation, out)

@@ -1,6 +1,6 @@
 """What the importers of the paper's public datasets share: reading local Parquet / JSON(L) / save_to_disk
-folders, import keys by file digest, rows in a table's declared column order, and writing imported rows as a
-ground-truth table. Each importer sits beside the builder of the same table, so a user who has the public data
+folders, import keys by file digest, rows in a table's declared column order, writing imported rows as a
+ground-truth table, and the Prefect task of a ground truth that is imported or built. Each importer sits beside the builder of the same table, so a user who has the public data
 trains on it unchanged: act_patch in tasks/patching/ground_truth.py, input_ablation in
 tasks/ablation/ground_truth.py, the features archive in tasks/features/archive.py.
 """
@@ -8,7 +8,7 @@ tasks/ablation/ground_truth.py, the features archive in tasks/features/archive.p
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +16,9 @@ import pyarrow as pa
 from storage.errors import UserInputError
 from storage.hashing import config_hash, file_sha256
 from storage.store import Dataset
+
+if TYPE_CHECKING:
+    from prefect import Task
 
 IMPORT_VERSION = 1
 
@@ -109,6 +112,32 @@ def imported_or(
         return write_imported(out, rows, {"train": cfg.import_train, "test": cfg.import_test})
 
     return complete_or(out, make)
+
+
+def ground_truth_task(
+    stage: str, key: Callable[[Any], str], field: str, importer: Callable[[str, str], list[dict[str, Any]]]
+) -> Callable[[Callable[[Any, Dataset], dict[str, Any]]], "Task"]:
+    """Decorator making the Prefect task `<field>-ground-truth` (it holds a GPU slot) of a ground-truth table
+    from its builder `build(recipe, out)`: the task, called with the recipe alone, writes table `stage` under
+    `key(recipe)` in the recipe's store, imported when its `field` section names both public splits, else by
+    `build`, and returns the table's summary. Patching and ablation build theirs this one way."""
+    from storage.store import store_root
+    from tasks.common.orchestration import stage_task  # as in imported_or: importing this module needs no Prefect
+
+    def dataset(recipe: Any) -> Dataset:
+        return Dataset(store_root(recipe.home), stage, key(recipe))
+
+    def decorate(build: Callable[[Any, Dataset], dict[str, Any]]) -> "Task":
+        def run(recipe: Any) -> dict[str, Any]:
+            out = dataset(recipe)
+            return imported_or(out, getattr(recipe, field), importer, lambda: build(recipe, out))
+
+        # Prefect names the task's key by the function's qualified name and describes it by the docstring
+        run.__name__, run.__qualname__, run.__module__ = build.__name__, build.__qualname__, build.__module__
+        run.__doc__ = build.__doc__
+        return stage_task(f"{field}-ground-truth", gpu=True, output=lambda p: dataset(p["recipe"]))(run)
+
+    return decorate
 
 
 def write_imported(out: Dataset, rows: list[dict[str, Any]], source: dict[str, str]) -> dict[str, Any]:

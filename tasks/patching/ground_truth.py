@@ -23,11 +23,11 @@ import numpy as np
 import pyarrow as pa
 
 from storage.errors import UserInputError
-from storage.store import Dataset, store_root
+from storage.store import Dataset
 from tasks.common import models
-from tasks.common.importers import ground_truth_key, imported_or, read_rows, require_columns, table_row
+from tasks.common.importers import ground_truth_key, ground_truth_task, read_rows, require_columns, table_row
 from tasks.common.models import LoadedModel
-from tasks.common.orchestration import progress_reporter, stage_task
+from tasks.common.orchestration import progress_reporter
 from tasks.outcomes.facts import Fact, load_facts
 from tasks.patching.config import PatchingConfig, PatchingRecipe
 from tasks.patching.sweep import all_layers, next_tokens
@@ -294,22 +294,6 @@ def patching_key(recipe: PatchingRecipe) -> str:
     return ground_truth_key(STAGE, STAGE_VERSION, recipe.target, recipe.patching, "patching")
 
 
-@stage_task(
-    "patching-ground-truth",
-    gpu=True,
-    output=lambda p: Dataset(store_root(p["recipe"].home), STAGE, patching_key(p["recipe"])),
-)
-def patching_ground_truth(recipe: PatchingRecipe) -> dict[str, Any]:
-    """Sweep the counterfactual pairs and write the balanced `patching_gt` table."""
-    out = Dataset(store_root(recipe.home), STAGE, patching_key(recipe))
-
-    def sweep() -> dict[str, Any]:
-        progress = progress_reporter("patching-sweep", "activation-patching sweep")
-        return write_patching_gt(models.load(recipe.target), recipe.patching, out, progress)
-
-    return imported_or(out, recipe.patching, import_act_patch, sweep)
-
-
 ACT_PATCH_REQUIRED = ("layer", "input_tokens", "original_continuation", "ablated_continuation", "is_different")
 
 
@@ -340,3 +324,10 @@ def import_act_patch(path: str | Path, split: str = "train") -> list[dict[str, A
             token_type=r.get("token_type", "other"), token_string=pp.get("orig_text_token", ""),
         ))  # fmt: skip
     return out
+
+
+@ground_truth_task(STAGE, patching_key, "patching", import_act_patch)
+def patching_ground_truth(recipe: PatchingRecipe, out: Dataset) -> dict[str, Any]:
+    """Sweep the counterfactual pairs and write the balanced `patching_gt` table."""
+    progress = progress_reporter("patching-sweep", "activation-patching sweep")
+    return write_patching_gt(models.load(recipe.target), recipe.patching, out, progress)
