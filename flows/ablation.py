@@ -12,17 +12,12 @@ from typing import Any
 
 from prefect import flow
 
-from flows.outcomes import explain_outcomes
+from flows.outcomes import run_outcome_flow
 from tasks.ablation.config import AblationRecipe
 from tasks.ablation.ground_truth import ablation_ground_truth
-from tasks.common.config import as_recipe
-from tasks.outcomes.registry import check_recipe
 
 
 @flow(name="ablation", log_prints=True, retries=0, validate_parameters=False)
 def ablation(recipe: AblationRecipe) -> dict[str, Any]:
     """Input ablation end to end: ground truth, explainers, baselines, metrics."""
-    recipe = as_recipe(AblationRecipe, recipe)  # the form's JSON, from a deployment
-    check_recipe(recipe)  # first: bad input fails the run in one line, before anything is written
-    truth = ablation_ground_truth(recipe)
-    return explain_outcomes(recipe, truth)
+    return run_outcome_flow(AblationRecipe, recipe, ablation_ground_truth)

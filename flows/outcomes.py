@@ -1,12 +1,24 @@
-"""The second half of the patching and ablation flows: train explainers of outcomes, score every method."""
+"""What the patching and ablation flows share: their body, and its second half (train explainers of outcomes,
+score every method), which the experiment flow runs too."""
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from storage.store import store_root
+from tasks.common.config import as_recipe
 from tasks.common.orchestration import refresh_catalog_task
 from tasks.outcomes.evaluate import evaluate_outcomes_task, evaluation_run_id
-from tasks.outcomes.registry import OutcomeRecipe, task_of
+from tasks.outcomes.registry import OutcomeRecipe, check_recipe, task_of
 from tasks.outcomes.train import train_outcome_explainer_task
+
+R = TypeVar("R", bound=OutcomeRecipe)
+
+
+def run_outcome_flow(kind: type[R], recipe: R | dict[str, Any], ground_truth: Callable[[R], Any]) -> dict[str, Any]:
+    """A patching or ablation flow end to end: the recipe checked, its ground truth, explainers and metrics."""
+    checked = as_recipe(kind, recipe)  # the form's JSON, from a deployment
+    check_recipe(checked)  # first: bad input fails the run in one line, before anything is written
+    return explain_outcomes(checked, ground_truth(checked))
 
 
 def explain_outcomes(recipe: OutcomeRecipe, truth: Any) -> dict[str, Any]:

@@ -15,9 +15,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.outcomes import explain_outcomes
-from tasks.common.config import as_recipe
-from tasks.outcomes.registry import check_recipe
+from flows.outcomes import run_outcome_flow
 from tasks.patching.config import PatchingRecipe
 from tasks.patching.ground_truth import patching_ground_truth
 
@@ -25,7 +23,4 @@ from tasks.patching.ground_truth import patching_ground_truth
 @flow(name="patching", log_prints=True, retries=0, validate_parameters=False)
 def patching(recipe: PatchingRecipe) -> dict[str, Any]:
     """Activation patching end to end: ground truth, explainers, baselines, metrics."""
-    recipe = as_recipe(PatchingRecipe, recipe)  # the form's JSON, from a deployment
-    check_recipe(recipe)  # first: bad input fails the run in one line, before anything is written
-    truth = patching_ground_truth(recipe)
-    return explain_outcomes(recipe, truth)
+    return run_outcome_flow(PatchingRecipe, recipe, patching_ground_truth)
