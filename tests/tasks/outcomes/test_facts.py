@@ -29,57 +29,51 @@ def _write(tmp_path: Path, name: str, content: bytes | None) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize(
-    "name, content, message",
-    [
-        ("none.jsonl", b"<missing>", "patching.facts: {p} does not exist; fix: point it at a facts .jsonl"),
-        ("facts.d", None, "patching.facts: {p} is a folder, not a file"),
-        ("latin1.jsonl", '{"subject": "caf\xe9"}\n'.encode("latin-1"), "patching.facts: {p} is not UTF-8 text (byte 16)"),
-        ("broken.jsonl", _lines(FACT) + b"{broken\n", "patching.facts: {p}:2 is not JSON; fix: fix that line"),
-        ("list.jsonl", _lines(FACT, ["France", "capital", "Paris"]), "patching.facts: {p}:2 is not a JSON object"),
-        ("lacks.jsonl", _lines({"subject": "France", "relation": "capital"}), "patching.facts: {p}:1 lacks ['object']"),
-        ("number.jsonl", _lines({**FACT, "object": 7}), "patching.facts: {p}:1: 'object' is 7, not a non-empty string"),
-        ("blank.jsonl", _lines({**FACT, "subject": " "}), "patching.facts: {p}:1: 'subject' is ' ', not a non-empty"),
-        ("norel.jsonl", _lines({**FACT, "relation": "mayor"}), "patching.facts: {p}:1: relation 'mayor' has no template"),
-        ("tmpl.jsonl", _lines({**FACT, "relation": "mayor", "template": "The mayor of {x} is"}),
-         "patching.facts: {p}:1: template 'The mayor of {{x}} is' has no single '{{}}' for the subject"),
-        ("none.json", b"<missing>", "patching.facts: {p} does not exist; fix: point it at a facts .jsonl"),
-        ("cf.json", b"{not json", "patching.facts: {p} is not CounterFact JSON"),
-        ("cf_keys.json", json.dumps([{"requested_rewrite": {"subject": "x"}}]).encode(), "patching.facts: {p} is not "
-                                                                                          "CounterFact JSON (KeyError"),
-        ("cf_tmpl.json", json.dumps([{"requested_rewrite": {**COUNTERFACT["requested_rewrite"], "prompt": "no slot"}}])
-         .encode(), "patching.facts: {p} record 0: template 'no slot' has no single '{{}}'"),
-    ],
-)  # fmt: skip
-def test_bad_fact_files_are_one_line(tmp_path, name, content, message):
-    path = _write(tmp_path, name, content)
-    with pytest.raises(UserInputError) as err:
-        load_facts(path)
-    assert str(err.value).startswith(message.format(p=path)) and "\n" not in str(err.value), str(err.value)
+# (file name, its bytes: None makes a folder, b"<missing>" nothing; the start of the one line, {p} the path)
+BAD_FACT_FILES = [
+    ("none.jsonl", b"<missing>", "patching.facts: {p} does not exist; fix: point it at a facts .jsonl"),
+    ("facts.d", None, "patching.facts: {p} is a folder, not a file"),
+    ("latin1.jsonl", '{"subject": "caf\xe9"}\n'.encode("latin-1"), "patching.facts: {p} is not UTF-8 text (byte 16)"),
+    ("broken.jsonl", _lines(FACT) + b"{broken\n", "patching.facts: {p}:2 is not JSON; fix: fix that line"),
+    ("list.jsonl", _lines(FACT, ["France", "capital", "Paris"]), "patching.facts: {p}:2 is not a JSON object"),
+    ("lacks.jsonl", _lines({"subject": "France", "relation": "capital"}), "patching.facts: {p}:1 lacks ['object']"),
+    ("number.jsonl", _lines({**FACT, "object": 7}), "patching.facts: {p}:1: 'object' is 7, not a non-empty string"),
+    ("blank.jsonl", _lines({**FACT, "subject": " "}), "patching.facts: {p}:1: 'subject' is ' ', not a non-empty"),
+    ("norel.jsonl", _lines({**FACT, "relation": "mayor"}), "patching.facts: {p}:1: relation 'mayor' has no template"),
+    ("tmpl.jsonl", _lines({**FACT, "relation": "mayor", "template": "The mayor of {x} is"}),
+     "patching.facts: {p}:1: template 'The mayor of {{x}} is' has no single '{{}}' for the subject"),
+    ("none.json", b"<missing>", "patching.facts: {p} does not exist; fix: point it at a facts .jsonl"),
+    ("cf.json", b"{not json", "patching.facts: {p} is not CounterFact JSON"),
+    ("cf_keys.json", json.dumps([{"requested_rewrite": {"subject": "x"}}]).encode(), "patching.facts: {p} is not "
+                                                                                      "CounterFact JSON (KeyError"),
+    ("cf_tmpl.json", json.dumps([{"requested_rewrite": {**COUNTERFACT["requested_rewrite"], "prompt": "no slot"}}])
+     .encode(), "patching.facts: {p} record 0: template 'no slot' has no single '{{}}'"),
+]  # fmt: skip
+BAD_QUESTION_FILES = [
+    ("none.jsonl", b"<missing>", "ablation.questions: {p} does not exist; fix: point it at an MMLU-format .jsonl"),
+    ("none.parquet", b"<missing>", "ablation.questions: {p} does not exist"),
+    ("q.d", None, "ablation.questions: {p} is a folder, not a file"),
+    ("q.jsonl", b"\xff\xfe", "ablation.questions: {p} is not UTF-8 text (byte 0)"),
+    ("q.jsonl", b'"a question"\n', "ablation.questions: {p}:1 is not a JSON object"),
+    ("q.jsonl", _lines({"question": "?", "answer": 1}), "ablation.questions: {p}:1 lacks ['choices']"),
+    ("q.jsonl", _lines({**QUESTION, "choices": ["a", "b"]}), "ablation.questions: {p}:1: choices ['a', 'b'] are "
+                                                             "not 4 strings"),
+    ("q.jsonl", _lines({**QUESTION, "answer": 4}), "ablation.questions: {p}:1: answer 4 is not 0, 1, 2 or 3"),
+    ("q.jsonl", _lines(QUESTION, {**QUESTION, "answer": "B"}), "ablation.questions: {p}:2: answer 'B' is not 0"),
+    ("q.jsonl", _lines({**QUESTION, "answer": True}), "ablation.questions: {p}:1: answer True is not 0, 1, 2 or 3"),
+    ("q.jsonl", _lines({**QUESTION, "question": None}), "ablation.questions: {p}:1: 'question' is None"),
+    ("q.parquet", b"PAR1 not really", "ablation.questions: {p} is not a Parquet file"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "name, content, message",
-    [
-        ("none.jsonl", b"<missing>", "ablation.questions: {p} does not exist; fix: point it at an MMLU-format .jsonl"),
-        ("none.parquet", b"<missing>", "ablation.questions: {p} does not exist"),
-        ("q.d", None, "ablation.questions: {p} is a folder, not a file"),
-        ("q.jsonl", b"\xff\xfe", "ablation.questions: {p} is not UTF-8 text (byte 0)"),
-        ("q.jsonl", b'"a question"\n', "ablation.questions: {p}:1 is not a JSON object"),
-        ("q.jsonl", _lines({"question": "?", "answer": 1}), "ablation.questions: {p}:1 lacks ['choices']"),
-        ("q.jsonl", _lines({**QUESTION, "choices": ["a", "b"]}), "ablation.questions: {p}:1: choices ['a', 'b'] are "
-                                                                 "not 4 strings"),
-        ("q.jsonl", _lines({**QUESTION, "answer": 4}), "ablation.questions: {p}:1: answer 4 is not 0, 1, 2 or 3"),
-        ("q.jsonl", _lines(QUESTION, {**QUESTION, "answer": "B"}), "ablation.questions: {p}:2: answer 'B' is not 0"),
-        ("q.jsonl", _lines({**QUESTION, "answer": True}), "ablation.questions: {p}:1: answer True is not 0, 1, 2 or 3"),
-        ("q.jsonl", _lines({**QUESTION, "question": None}), "ablation.questions: {p}:1: 'question' is None"),
-        ("q.parquet", b"PAR1 not really", "ablation.questions: {p} is not a Parquet file"),
-    ],
-)  # fmt: skip
-def test_bad_question_files_are_one_line(tmp_path, name, content, message):
+    "load, name, content, message",
+    [(load_facts, *case) for case in BAD_FACT_FILES] + [(load_questions, *case) for case in BAD_QUESTION_FILES],
+)
+def test_bad_fact_and_question_files_are_one_line(tmp_path, load, name, content, message):
     path = _write(tmp_path, name, content)
     with pytest.raises(UserInputError) as err:
-        load_questions(path)
+        load(path)
     assert str(err.value).startswith(message.format(p=path)) and "\n" not in str(err.value), str(err.value)
 
 
