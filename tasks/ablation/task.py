@@ -5,8 +5,8 @@ import random
 from collections import Counter
 
 from storage.errors import UserInputError
-from storage.store import Dataset, store_root
-from tasks.ablation.config import AblationConfig, AblationRecipe
+from storage.store import Dataset
+from tasks.ablation.config import AblationRecipe
 from tasks.ablation.ground_truth import ablation_key, import_input_ablation
 from tasks.ablation.prompts import ABLATION_QUESTION, ZERO_SHOT_ABLATION
 from tasks.explainer.model import Query
@@ -15,20 +15,8 @@ from tasks.outcomes.facts import load_questions
 from tasks.outcomes.protocol import OutcomeTask, Row
 
 
-class Ablation(OutcomeTask):
-    name = "ablation"
-    table = "ablation_gt"
-    carries_vector = False
-
-    def ground_truth(self, recipe: AblationRecipe) -> Dataset:
-        return Dataset(store_root(recipe.home), self.table, ablation_key(recipe))
-
-    def settings(self, recipe: AblationRecipe) -> AblationConfig:
-        return recipe.ablation
-
-    def import_rows(self, path: str, split: str) -> list[Row]:
-        return import_input_ablation(path, split)
-
+class Ablation(OutcomeTask, name="ablation", table="ablation_gt", carries_vector=False, key=ablation_key,
+               importer=import_input_ablation):  # fmt: skip
     def check_source(self, recipe: AblationRecipe) -> None:
         """The question file."""
         if not load_questions(recipe.ablation.questions):

@@ -13,14 +13,14 @@ distributed and how Π is fitted to them.
 import random
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
 
 from storage.errors import UserInputError
-from storage.store import Dataset
+from storage.store import Dataset, store_root
 from tasks.explainer.model import ROTATED, Explainer, Query, shuffled_donors
 from tasks.explainer.projection import LayerStats, ProjectionFit
 from tasks.outcomes.answers import MODES, target
@@ -35,17 +35,29 @@ class OutcomeTask(ABC):
     table: ClassVar[str]  # the ground-truth table
     carries_vector: ClassVar[bool]  # its questions hold a vector v
 
-    @abstractmethod
+    key: ClassVar[Callable[[Any], str]]  # a recipe's ground-truth key (its builder's module computes it)
+    importer: ClassVar[Callable[[str, str], list[Row]]]  # (path, split) -> the paper's public rows, as `table`'s
+
+    def __init_subclass__(cls, name: str, table: str, carries_vector: bool, key: Callable[[Any], str],
+                          importer: Callable[[str, str], list[Row]], **kwargs: Any) -> None:  # fmt: skip
+        """A task declares what it is in its class line (name, table, whether questions carry a vector, its
+        ground-truth key and importer); the methods below say what it does."""
+        super().__init_subclass__(**kwargs)
+        cls.name, cls.table, cls.carries_vector = name, table, carries_vector
+        cls.key, cls.importer = staticmethod(key), staticmethod(importer)
+
     def ground_truth(self, recipe: Any) -> Dataset:
         """The ground-truth dataset, built or imported by the flow's first stage."""
+        return Dataset(store_root(recipe.home), self.table, self.key(recipe))
 
-    @abstractmethod
     def settings(self, recipe: Any) -> Any:
-        """The recipe's section for this task's ground truth (it holds import_train / import_test)."""
+        """The recipe's section named after the task, which builds or imports its ground truth (it holds
+        import_train / import_test)."""
+        return getattr(recipe, self.name)
 
-    @abstractmethod
     def import_rows(self, path: str, split: str) -> list[Row]:
         """The paper's public rows of this task, as rows of `table`."""
+        return self.importer(path, split)
 
     @abstractmethod
     def check_source(self, recipe: Any) -> None:

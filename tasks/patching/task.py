@@ -8,33 +8,21 @@ import numpy as np
 import torch
 
 from storage.errors import UserInputError
-from storage.store import Dataset, store_root
+from storage.store import Dataset
 from tasks.common import models
 from tasks.common.models import LoadedModel
 from tasks.explainer.model import SPAN, Explainer, Query
 from tasks.explainer.projection import LayerStats, ProjectionFit, fit_projection, residual_stats
 from tasks.outcomes.facts import load_facts
 from tasks.outcomes.protocol import OutcomeTask, Row
-from tasks.patching.config import PatchingConfig, PatchingRecipe
+from tasks.patching.config import PatchingRecipe
 from tasks.patching.ground_truth import import_act_patch, layer_chunks, make_pairs, patching_key
 from tasks.patching.prompts import DROP, PATCHING_TEMPLATES, ZERO_SHOT_PATCHING
 from tasks.patching.sweep import all_layers
 
 
-class Patching(OutcomeTask):
-    name = "patching"
-    table = "patching_gt"
-    carries_vector = True
-
-    def ground_truth(self, recipe: PatchingRecipe) -> Dataset:
-        return Dataset(store_root(recipe.home), self.table, patching_key(recipe))
-
-    def settings(self, recipe: PatchingRecipe) -> PatchingConfig:
-        return recipe.patching
-
-    def import_rows(self, path: str, split: str) -> list[Row]:
-        return import_act_patch(path, split)
-
+class Patching(OutcomeTask, name="patching", table="patching_gt", carries_vector=True, key=patching_key,
+               importer=import_act_patch):  # fmt: skip
     def check_source(self, recipe: PatchingRecipe) -> None:
         """The layer chunks of the target, and the fact file: parsed, and paired."""
         layer_chunks(models.load_config(recipe.target).num_hidden_layers, recipe.patching.n_chunks)
