@@ -27,9 +27,7 @@ class ExplainerConfig(StrictModel):
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="Explainer initialisation.")
     format: Literal["auto", "chat", "base"] = Field(
-        "auto",
-        description="Prompt format: chat template or the paper's raw base templates; auto picks chat "
-        "when the tokenizer has a chat template.",
+        "auto", description="Prompt format: 'chat' template, 'base' (the paper's raw), 'auto' chat if there is one."
     )
     projection: Literal["auto", "always", "fitted"] = Field(
         "auto",
