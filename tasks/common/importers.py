@@ -1,8 +1,9 @@
 """What the importers of the paper's public datasets share: reading local Parquet / JSON(L) / save_to_disk
 folders, import keys by file digest, rows in a table's declared column order, writing imported rows as a
-ground-truth table, and the Prefect task of a ground truth that is imported or built. Each importer sits beside the builder of the same table, so a user who has the public data
-trains on it unchanged: act_patch in tasks/patching/ground_truth.py, input_ablation in
-tasks/ablation/ground_truth.py, the features archive in tasks/features/archive.py.
+ground-truth table, and the Prefect task of a ground truth that is imported or built. Each importer sits
+beside the builder of the same table, so a user who has the public data trains on it unchanged: act_patch in
+tasks/patching/ground_truth.py, input_ablation in tasks/ablation/ground_truth.py, the features archive in
+tasks/features/archive.py.
 """
 
 import json
