@@ -4,7 +4,9 @@ medians compared. Agreement: the decoded explanations, cut at the same stop stri
 
     .venv/bin/python bench/decoding.py [--quick]
 
-Ends with `RESULT decoding_speedup <x> goal 5` and `RESULT decoding_agreement <fraction> goal 1`.
+Ends with `RESULT decoding_speedup <x> goal 5` and `RESULT decoding_agreement <fraction> goal 1`; then the
+evaluation's own decoding (LoRA, bf16 autocast) with the frozen base stored in bf16 against the base as loaded
+(`RESULT decoding_frozen_base_speedup`, and its agreement: identical explanations).
 """
 
 import argparse
@@ -66,6 +68,33 @@ def main() -> None:
     )
     print(f"RESULT decoding_speedup {b / a:.2f} goal 5")
     print(f"RESULT decoding_agreement {agree:.3f} goal 1")
+    frozen_base(args.model, queries, new, rounds)
+
+
+def frozen_base(model: str, queries: list[ex.Query], new: int, rounds: int) -> None:
+    """The evaluation's decoding as it runs (a LoRA explainer under bf16 autocast): the frozen base stored in bf16
+    (`models.store_frozen_linears`) beside the base as loaded, in fp32, which autocast casts at every forward,
+    once per new token. Same bits, so the explanations must be identical."""
+    cfg = ExplainerConfig(model=ModelConfig(name=model))
+    e = ex.Explainer(models.load(cfg.model), 576, 30, cfg)
+    if e.lm.runtime.autocast is None:
+        print("no autocast on this CPU: the frozen base is stored as loaded, nothing to compare")
+        return
+    linears = [m for m in e.lm.model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    times: dict[str, list[float]] = {"stored_bf16": [], "as_loaded": []}
+    outputs = {}
+    for _ in range(rounds):
+        for name, dtype in (("stored_bf16", e.lm.runtime.autocast), ("as_loaded", torch.float32)):
+            for m in linears:
+                m.to(dtype)
+            t = time.perf_counter()
+            outputs[name] = e.generate(queries, new, 32)
+            times[name].append(time.perf_counter() - t)
+    a, b = statistics.median(times["stored_bf16"]), statistics.median(times["as_loaded"])
+    agree = float(np.mean([x == y for x, y in zip(outputs["stored_bf16"], outputs["as_loaded"], strict=True)]))
+    print(f"LoRA explainer, bf16 autocast, {len(queries)} prompts: base stored bf16 {a:.2f} s, as loaded {b:.2f} s")
+    print(f"RESULT decoding_frozen_base_speedup {b / a:.2f} goal -")
+    print(f"RESULT decoding_frozen_base_agreement {agree:.3f} goal 1")
 
 
 if __name__ == "__main__":

@@ -257,4 +257,4 @@ def import_input_ablation(path: str | Path, split: str = "train") -> list[dict[s
 @ground_truth_task(STAGE, ablation_key, "ablation", import_input_ablation)
 def ablation_ground_truth(recipe: AblationRecipe, out: Dataset) -> dict[str, Any]:
     """Ask every question with and without the hint and write `ablation_gt`."""
-    return write_ablation_gt(models.load(recipe.target), recipe.ablation, out)
+    return write_ablation_gt(models.load(recipe.target, frozen=True), recipe.ablation, out)

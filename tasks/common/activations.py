@@ -212,4 +212,6 @@ def cache_residual_stream(recipe: CacheRecipe, plan: CachePlan) -> dict[str, Any
     """Load the model and cache its residual stream over the tokenised corpus."""
     out = activations_dataset(plan)
     tokens = corpus.tokens_dataset(plan.home, plan.tokens_key)
-    return complete_or(out, lambda: write_activations(models.load(recipe.model), recipe.cache, tokens, out))
+    return complete_or(
+        out, lambda: write_activations(models.load(recipe.model, frozen=True), recipe.cache, tokens, out)
+    )

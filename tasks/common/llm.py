@@ -21,7 +21,7 @@ def complete(
         return [_openai(p, model.removeprefix("openai:"), field, base_url, max_new_tokens) for p in prompts]
     from tasks.common import models
 
-    lm = models.load(ModelConfig(name=model))
+    lm = models.load(ModelConfig(name=model), frozen=True)
     tok = lm.tokenizer
     tok.padding_side = "left"
     out: list[str] = []

@@ -16,7 +16,7 @@ import importlib.util
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -443,13 +443,48 @@ def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
     return model.get_decoder().layers
 
 
-def load(cfg: ModelConfig) -> LoadedModel:
-    """Resolve, then load weights and tokenizer onto the chosen device in eval mode."""
+def store_frozen_linears(model: PreTrainedModel, runtime: Runtime) -> int:
+    """Under autocast, store every frozen linear weight of the decoder blocks in the autocast dtype; returns how
+    many. Autocast keeps its casts only of weights that require grad, so a frozen float32 weight is cast again at
+    every call: the whole model's linears once per forward. Stored cast, a linear computes with the same bits and
+    the copy is gone (BENCHMARKS.md, training throughput). Embeddings and the LM head keep their dtype: code reads
+    them outside autocast."""
+    if runtime.autocast is None:
+        return 0
+    linears = [m for block in decoder_layers(model) for m in block.modules()
+               if isinstance(m, torch.nn.Linear) and not any(p.requires_grad for p in m.parameters())]  # fmt: skip
+    for m in linears:
+        m.to(runtime.autocast)
+    return len(linears)
+
+
+@contextlib.contextmanager
+def attention(model: PreTrainedModel, implementation: str | None) -> Iterator[None]:
+    """Run `model` with another attention implementation ('eager', 'sdpa'; None: its own), restored on exit."""
+    own = model.config._attn_implementation
+    if implementation is not None:
+        model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        if model.config._attn_implementation != own:
+            model.set_attn_implementation(own)
+
+
+def load(cfg: ModelConfig, frozen: bool = False) -> LoadedModel:
+    """Resolve, then load weights and tokenizer onto the chosen device in eval mode. frozen: the model only runs
+    (a target; an explainer that is not trained): its weights stop requiring grad and are stored as autocast
+    computes with them (`store_frozen_linears`), which changes no result. Run it under
+    `runtime.autocast_context()`, as every forward here does: outside it, bf16 weights meet fp32 inputs and the
+    first linear raises."""
     resolved = resolve(cfg)
     runtime = resolve_runtime(cfg)
     tokenizer = AutoTokenizer.from_pretrained(resolved.source)
     model = AutoModelForCausalLM.from_pretrained(resolved.source, dtype=runtime.dtype).to(runtime.device)
     model.eval()
+    if frozen:
+        model.requires_grad_(False)
+        store_frozen_linears(model, runtime)
     if resolved.eos_token_ids:  # Gemma: stop on <eos> and <end_of_turn>
         model.generation_config.eos_token_id = list(resolved.eos_token_ids)
     if tokenizer.pad_token_id is None:

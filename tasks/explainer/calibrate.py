@@ -227,7 +227,7 @@ def evaluate(
                for m, v in vectors.items()}  # fmt: skip
     del trained
     target = models.load_config(recipe.target)
-    untrained = ex.Explainer(models.load(cfg.model), target.hidden_size, target.num_hidden_layers, cfg)
+    untrained = ex.Explainer(models.load(cfg.model, frozen=True), target.hidden_size, target.num_hidden_layers, cfg)
     if untrained.fitted:  # zero-shot through the fitted Π: does the map alone make v readable?
         untrained.set_fitted_projection(fit_on_train_types(recipe, plan, untrained, test))
     if untrained.on_manifold:

@@ -102,6 +102,12 @@ class ExplainerConfig(StrictModel):
     proj_lr: float | None = Field(
         None, gt=0, description="Learning rate of the projections Π_ℓ; null: lr. New, so often worth more than lr."
     )
+    train_attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto",
+        description="Attention kernel of the training steps and validations (decoding keeps the model's own): "
+        "'auto' is eager on CPU, where SDPA's backward costs more than eager's batched matmuls on short "
+        "sequences (BENCHMARKS.md, training throughput), and the model's own on CUDA.",
+    )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Training examples held out for early stopping.")
     max_new_tokens: int = Field(
         20, gt=0, le=MAX_BATCH, description="Greedy decoding length (the paper's 20 for features)."

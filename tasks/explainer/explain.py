@@ -184,7 +184,7 @@ def explain_text(ck: Checkpoint, text: str, layer: int, position: int | str = -1
     _check_layer(ck, layer)
     picked = _positions(ck, text, position, target)
     explainer = ex.Explainer.load(ck.path)
-    lm = models.load(ck.target(target))
+    lm = models.load(ck.target(target), frozen=True)
     tokens, h = text_residuals(lm, text, layer)
     del lm
     vectors = _centre(explainer, layer, h[picked])
@@ -300,7 +300,7 @@ def explain_patch(ck: Checkpoint, recipe: ExplainRecipe) -> list[dict[str, Any]]
 
     root = store_root(recipe.home)
     layers, ids, ids_p, t, t_p = _patch_site(ck, root, recipe)
-    lm = models.load(ck.target(recipe.target))
+    lm = models.load(ck.target(recipe.target), frozen=True)
     v = all_layers(lm, ids_p)[layers, t_p].mean(0)  # [d]: mean over the chunk of h_l(x')[t']
     tok = lm.tokenizer
     decode = lambda i: tok.decode([i])  # noqa: E731

@@ -190,6 +190,7 @@ class Explainer(nn.Module):
         if cfg.finetune == "lora":
             torch.manual_seed(cfg.seed)  # LoRA's A matrices draw from the global RNG: same seed, same init
             self._wrap_lora()
+            models.store_frozen_linears(lm.model, lm.runtime)  # the frozen base, as autocast computes with it
 
     # -- construction ---------------------------------------------------------------------------------------
 
@@ -575,7 +576,7 @@ class Explainer(nn.Module):
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device_override})})
         if cfg.finetune == "full":
             model_cfg = cfg.model.model_copy(update={"name": str(path / "model")})
-            lm = models.load(model_cfg)
+            lm = models.load(model_cfg, frozen=True)
             explainer = cls(lm, meta["d_target"], meta["n_target_layers"], cfg, rotation)
         else:
             from peft import PeftModel
@@ -585,6 +586,7 @@ class Explainer(nn.Module):
             explainer = cls(lm, meta["d_target"], meta["n_target_layers"], full, rotation)
             explainer.cfg = cfg
             explainer.model = PeftModel.from_pretrained(lm.model, path / "model").to(lm.runtime.device)
+            models.store_frozen_linears(lm.model, lm.runtime)
         if explainer.proj is not None:
             saved = load_file(str(path / "projection.safetensors"))
             with torch.no_grad():

@@ -97,32 +97,36 @@ def train(
         opt.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["torch_rng"])
         log = saved["log"]
-    t0 = time.perf_counter()
-    explainer.model.train()
-    while log["steps"] < total and not log["stopped"]:
-        rng.setstate(log["epoch_rng"])  # the epoch's order, drawn again: a resumed run continues it
-        epoch = list(batches(train_set, cfg.batch_size, rng))
-        for qs in epoch[log["epoch_step"] :]:
-            batch = explainer.collate(qs, train=True)
-            loss = explainer.loss(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            log["running"] += loss.item()
-            log["steps"] += 1
-            log["epoch_step"] += 1
-            log["n_tokens"] += int(batch["attention_mask"].sum())
-            if progress:
-                progress(log["steps"] / total, f"epoch {log['epoch']} step {log['steps']} loss {loss.item():.3f}")
-            if log["epoch_step"] == len(epoch):  # the next epoch's order starts from here
-                log["epoch"], log["epoch_step"], log["epoch_rng"] = log["epoch"] + 1, 0, rng.getstate()
-            if log["steps"] % eval_every == 0 or log["steps"] == total:
-                _validate(explainer, val_set, log, cfg.min_steps, cfg.patience)
-                if state_path is not None:
-                    _save_train_state(state_path, explainer, opt, log)
-                explainer.model.train()
-            if log["steps"] == total or log["stopped"] or log["epoch_step"] == 0:
-                break
+    kernel = cfg.train_attention  # eager on CPU by default: see the field
+    if kernel == "auto":
+        kernel = "eager" if explainer.lm.runtime.device.type == "cpu" else None
+    with models.attention(explainer.lm.model, kernel):
+        t0 = time.perf_counter()
+        explainer.model.train()
+        while log["steps"] < total and not log["stopped"]:
+            rng.setstate(log["epoch_rng"])  # the epoch's order, drawn again: a resumed run continues it
+            epoch = list(batches(train_set, cfg.batch_size, rng))
+            for qs in epoch[log["epoch_step"] :]:
+                batch = explainer.collate(qs, train=True)
+                loss = explainer.loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                log["running"] += loss.item()
+                log["steps"] += 1
+                log["epoch_step"] += 1
+                log["n_tokens"] += int(batch["attention_mask"].sum())
+                if progress:
+                    progress(log["steps"] / total, f"epoch {log['epoch']} step {log['steps']} loss {loss.item():.3f}")
+                if log["epoch_step"] == len(epoch):  # the next epoch's order starts from here
+                    log["epoch"], log["epoch_step"], log["epoch_rng"] = log["epoch"] + 1, 0, rng.getstate()
+                if log["steps"] % eval_every == 0 or log["steps"] == total:
+                    _validate(explainer, val_set, log, cfg.min_steps, cfg.patience)
+                    if state_path is not None:
+                        _save_train_state(state_path, explainer, opt, log)
+                    explainer.model.train()
+                if log["steps"] == total or log["stopped"] or log["epoch_step"] == 0:
+                    break
     if log["best_state"] is not None:
         explainer.load_state_dict({**explainer.state_dict(), **log["best_state"]})
     explainer.model.eval()
@@ -143,24 +147,24 @@ def _validate(explainer: Explainer, val_set: Sequence[Query], log: dict[str, Any
     log["val_losses"].append(val)
     if val < log["best"]:
         log["best"], log["best_step"], log["since_best"] = val, log["steps"], 0
-        log["best_state"] = {k: v.detach().clone() for k, v in explainer.state_dict().items()
-                             if _trainable(explainer, k)}  # fmt: skip
+        log["best_state"] = _trainable_weights(explainer)
     elif val_set:
         log["since_best"] += 1
         log["stopped"] = log["steps"] >= min_steps and log["since_best"] > patience
 
 
 def _save_train_state(path: Path, explainer: Explainer, opt: torch.optim.Optimizer, log: dict[str, Any]) -> None:
-    weights = {k: v.detach().clone() for k, v in explainer.state_dict().items() if _trainable(explainer, k)}
+    weights = _trainable_weights(explainer)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save({"weights": weights, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "log": log},
                tmp)  # fmt: skip
     tmp.replace(path)
 
 
-def _trainable(explainer: Explainer, key: str) -> bool:
-    params = dict(explainer.named_parameters())
-    return key in params and params[key].requires_grad
+def _trainable_weights(explainer: Explainer) -> dict[str, torch.Tensor]:
+    """A copy of the weights training changes, by state-dict key."""
+    trainable = {name for name, p in explainer.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in explainer.state_dict().items() if k in trainable}
 
 
 @torch.no_grad()

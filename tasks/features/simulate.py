@@ -96,7 +96,7 @@ class LMSimulator:
         from tasks.common import models
         from tasks.common.config import ModelConfig
 
-        self.lm = models.load(ModelConfig(name=model))
+        self.lm = models.load(ModelConfig(name=model), frozen=True)
         tok = self.lm.tokenizer
         bins = [(k, tok(str(k), add_special_tokens=False)["input_ids"]) for k in range(11)]
         bins = [(k, ids[0]) for k, ids in bins if len(ids) == 1]

@@ -48,7 +48,9 @@ def evaluation_run_id(recipe: OutcomeRecipe) -> str:
 def zero_shot(recipe: OutcomeRecipe, role: str, test: list[dict[str, Any]], dims: tuple[int | None, int]) -> list[str]:
     """The untrained model of `role`'s explainer, asked with the paper's baseline prompt."""
     cfg: ExplainerConfig = recipe.explainers[role]
-    untrained = ex.Explainer(models.load(cfg.model), dims[0], dims[1], cfg.model_copy(update={"finetune": "full"}))
+    untrained = ex.Explainer(
+        models.load(cfg.model, frozen=True), dims[0], dims[1], cfg.model_copy(update={"finetune": "full"})
+    )
     qs = task_of(recipe).queries(test, "zero_shot", recipe.eval.seed, with_answer=False)
     return untrained.generate(qs, cfg.max_new_tokens, cfg.eval_batch_size)
 

@@ -330,4 +330,4 @@ def import_act_patch(path: str | Path, split: str = "train") -> list[dict[str, A
 def patching_ground_truth(recipe: PatchingRecipe, out: Dataset) -> dict[str, Any]:
     """Sweep the counterfactual pairs and write the balanced `patching_gt` table."""
     progress = progress_reporter("patching-sweep", "activation-patching sweep")
-    return write_patching_gt(models.load(recipe.target), recipe.patching, out, progress)
+    return write_patching_gt(models.load(recipe.target, frozen=True), recipe.patching, out, progress)

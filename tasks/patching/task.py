@@ -77,7 +77,7 @@ class Patching(OutcomeTask, name="patching", table="patching_gt", carries_vector
         chunks = sorted({tuple(r["layer"]) for r in train})
         texts = sorted({r[c] for r in train for c in ("input_text", "counterfactual_text")})
         cfg = explainer.cfg
-        states, pieces = prompt_states(models.load(recipe.target), texts, chunks, cfg.fit_rows, cfg.seed)
+        states, pieces = prompt_states(models.load(recipe.target, frozen=True), texts, chunks, cfg.fit_rows, cfg.seed)
         return fit_projection(explainer, states, pieces, cfg.fit_ridge, cfg.fit_rows, residual_inputs=True,
                               seed=cfg.seed)  # fmt: skip
 

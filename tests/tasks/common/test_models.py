@@ -84,3 +84,33 @@ def test_smollm2_offline_converts_once_and_answers_deterministically(tmp_path, m
         outs = [lm.model.generate(**enc, max_new_tokens=10, do_sample=False) for _ in range(2)]
     assert torch.equal(outs[0], outs[1])
     assert "Paris" in lm.tokenizer.decode(outs[0][0, enc["input_ids"].shape[1] :])
+
+
+def test_a_frozen_model_stores_its_block_linears_as_autocast_computes_with_them():
+    """Under autocast a frozen load keeps every decoder-block linear in bf16 and computes the same bits."""
+    cfg = ModelConfig(name="tiny-llama", autocast="bfloat16")
+    plain, frozen = models.load(cfg), models.load(cfg, frozen=True)
+    blocks = models.decoder_layers(frozen.model)
+    linears = [m for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 * 7  # q k v o gate up down in each of 4 blocks
+    assert {m.weight.dtype for m in linears} == {torch.bfloat16}
+    assert frozen.model.get_input_embeddings().weight.dtype == torch.float32  # read outside autocast too
+    assert not any(p.requires_grad for p in frozen.model.parameters())
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad(), plain.runtime.autocast_context():
+        assert torch.equal(plain.model(ids).logits, frozen.model(ids).logits)
+    unmixed = models.load(ModelConfig(name="tiny-llama", autocast="none"), frozen=True)
+    assert models.store_frozen_linears(unmixed.model, unmixed.runtime) == 0
+    assert {p.dtype for p in unmixed.model.parameters()} == {torch.float32}
+
+
+def test_attention_runs_another_kernel_and_restores_the_models_own():
+    lm = models.load(ModelConfig(name="tiny-llama", autocast="none"))
+    own = lm.model.config._attn_implementation
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        reference = lm.model(ids).logits
+        with models.attention(lm.model, "eager"):
+            assert lm.model.config._attn_implementation == "eager"
+            torch.testing.assert_close(lm.model(ids).logits, reference, rtol=1e-5, atol=1e-5)
+    assert own != "eager" and lm.model.config._attn_implementation == own

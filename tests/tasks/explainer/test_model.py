@@ -326,6 +326,30 @@ def test_cached_decoding_carries_a_stream_injection(injection):
     assert len(set(cached)) > 1
 
 
+def test_lora_training_keeps_adapters_in_float32_beside_a_base_stored_as_autocast_computes():
+    """The frozen base's linears are bf16 under autocast, the adapters fp32; the loss is the same bits as with the
+    base in fp32, and training on CPU runs eager attention, then hands the model back with its own kernel."""
+    ex = make_explainer(finetune="lora", lora_r=4, model={"name": "tiny-llama", "autocast": "bfloat16"})
+    linears = {n: m for n, m in ex.model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n}
+    assert {m.weight.dtype for n, m in linears.items() if "lora_" not in n} == {torch.bfloat16}
+    adapters = [p for n, p in ex.model.named_parameters() if "lora_" in n]
+    assert adapters and all(p.dtype == torch.float32 and p.requires_grad for p in adapters)
+    rng = np.random.default_rng(2)
+    qs = [Query(rng.normal(size=64).astype(np.float32), 1, f"What does {SPAN} encode at layer 1?", a)
+          for a in ("cats", "dogs")]  # fmt: skip
+    b = ex.collate(qs, train=True)
+    with torch.no_grad():
+        stored = ex.loss(b)
+        for m in linears.values():
+            m.float()
+        assert torch.equal(ex.loss(b), stored)
+    own = ex.lm.model.config._attn_implementation
+    seen = []
+    ex.lm.model.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+    train(ex, qs, [])
+    assert set(seen) == {"eager"} and own != "eager" and ex.lm.model.config._attn_implementation == own
+
+
 def test_step_budget_raises_small_sets_to_min_steps_and_caps_at_max_steps():
     cfg = ExplainerConfig(batch_size=4, epochs=2)
     assert step_budget(cfg, 10) == (6, 3)  # 3 batches an epoch, validated each epoch

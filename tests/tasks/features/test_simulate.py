@@ -79,7 +79,7 @@ def test_lm_simulator_reads_one_expected_bin_per_exemplar_token():
     for toks, pred in zip(exemplars, preds, strict=True):
         prefix = sim.PROMPT.format(description='the token "Paris"')
         ids = tok(prefix + "".join(toks), return_tensors="pt", add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
+        with torch.no_grad(), sim.lm.runtime.autocast_context():  # the simulator's precision
             logits = sim.lm.model(input_ids=ids).logits[0].float()
         ends = np.cumsum([len(t.encode()) for t in toks]) + len(prefix.encode()) - 1  # one token a byte
         assert ids.shape[1] == len((prefix + "".join(toks)).encode())
