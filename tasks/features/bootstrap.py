@@ -35,7 +35,7 @@ from tasks.explainer import explain
 from tasks.explainer import model as ex
 from tasks.features import labels as lab
 from tasks.features.config import BootstrapRecipe, LabelConfig
-from tasks.features.evaluate import EvalItem, score_items
+from tasks.features.evaluate import EvalItem, exemplar_truth, score_items
 from tasks.features.ground_truth import LayerCache
 from tasks.features.sae import exemplars_sql
 from tasks.features.simulate import LMSimulator, mean_se
@@ -200,8 +200,9 @@ def score_sample(recipe: BootstrapRecipe, ck: explain.Checkpoint, rid: str) -> t
     target = ck.target().name
     n_train = int(ck.meta.get("n_train", 0))
     metrics, predictions = [], []
+    truths = exemplar_truth(items, caches, texts)
     for method, labels in said.items():
-        scores = score_items(items, labels, caches, texts, sim)
+        scores = score_items(truths, labels, sim)
         metrics.append(Metric(rid, STAGE, target, explainer_model, method, n_train, recipe.seed, "sample",
                               "simulator_corr", *mean_se(scores)))  # fmt: skip
         predictions += [Prediction(rid, STAGE, it.example_id, explainer_model, method, "sample", label, "", score)

@@ -53,9 +53,6 @@ DELTA_SUBJECTS = ("France", "Japan", "Brazil", "Egypt", "Canada", "India", "Germ
 UNTRAINED = ("selfie", "selfie_best_of_scales", "gold")  # methods that use no training features
 
 
-# -- explainers -------------------------------------------------------------------------------------------
-
-
 # -- evaluation -------------------------------------------------------------------------------------------
 
 
@@ -78,23 +75,32 @@ def explainer_vectors(items: list[EvalItem], layer_means: dict[int, np.ndarray],
     return [it.vector - layer_means[it.layer] if centres and it.split == "ood_act" else it.vector for it in items]
 
 
-def score_items(
-    items: list[EvalItem],
-    descriptions: list[str],
-    caches: dict[int, LayerCache],
-    texts: ContextTexts,
-    simulator: LMSimulator | None = None,
-) -> list[float]:
-    scores = []
-    for item, desc in zip(items, descriptions, strict=True):
+@dataclass
+class Truth:
+    """What every description of an item is scored against: per exemplar context, its stored tokens' strings
+    and their true activations max(0, <h_t, v>) [P]."""
+
+    tokens: list[list[str]]
+    acts: list[np.ndarray]
+
+
+def exemplar_truth(items: list[EvalItem], caches: dict[int, LayerCache], texts: ContextTexts) -> list[Truth]:
+    """Each item's Truth, computed once per item rather than once per method that describes it."""
+    out = []
+    for item in items:
         toks, acts = [], []
         for c in item.contexts:
             pos, a = caches[item.layer].true_acts(item.vector, c)
             all_tokens = texts.tokens(c)
             toks.append([all_tokens[p] for p in pos])
             acts.append(a)
-        scores.append(simulator_score(desc, toks, acts, simulator))
-    return scores
+        out.append(Truth(toks, acts))
+    return out
+
+
+def score_items(truths: list[Truth], descriptions: list[str], simulator: LMSimulator | None = None) -> list[float]:
+    """The simulator score of each description on its item's exemplars."""
+    return [simulator_score(desc, t.tokens, t.acts, simulator) for t, desc in zip(truths, descriptions, strict=True)]
 
 
 def selfie_descriptions(target: ModelConfig, items: list[EvalItem], scales: list[float], cfg: ExplainerConfig,
@@ -102,7 +108,7 @@ def selfie_descriptions(target: ModelConfig, items: list[EvalItem], scales: list
     """SelfIE, untrained: v/|v| x scale written over both placeholders of the definition prompt (§3.7)."""
     base_cfg = cfg.model_copy(update={"model": target, "finetune": "full", "vector_norm": "raw", "projection": "auto",
                                      "injection": "embedding"})  # fmt: skip
-    selfie = ex.Explainer(models.load(target), d_target, n_layers, base_cfg)
+    selfie = ex.Explainer(models.load(target, frozen=True), d_target, n_layers, base_cfg)
     selfie.payloads_per_query = 2
     x = ex.SPAN_TOKENS[1]
     out = {}
@@ -220,11 +226,12 @@ def evaluate(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, checkpoints: 
                                   name, float(quality[name]), 0.0, int(quality["tokens"])))  # fmt: skip
     scored: dict[tuple[str, str], list[float]] = {}
     sim = None if recipe.eval.simulator == "lexical" else LMSimulator(recipe.eval.simulator)
+    truths = exemplar_truth(items + select, caches, texts)
     for key, descs in predictions.items():
-        scored[key] = score_items(items, descs, caches, texts, sim)
+        scored[key] = score_items(truths[: len(items)], descs, sim)
     if by_scale:  # SelfIE: one scale chosen on training features; and per item the best of all (upper bound)
         scales, n = recipe.eval.selfie_scales, len(items)
-        scale_scores = {s: score_items(items + select, d, caches, texts, sim) for s, d in by_scale.items()}
+        scale_scores = {s: score_items(truths, d, sim) for s, d in by_scale.items()}
         chosen = max(scales, key=lambda s: float(np.mean(scale_scores[s][n:])))  # first of equals
         predictions[("selfie", target_name)] = by_scale[chosen][:n]
         scored[("selfie", target_name)] = scale_scores[chosen][:n]
@@ -275,7 +282,7 @@ def delta_items(recipe: FeaturesRecipe, caches: dict[int, LayerCache], k: int) -
         return []
     from tasks.common.activations import residual_stream
 
-    lm = models.load(recipe.target)
+    lm = models.load(recipe.target, frozen=True)
     rng = np.random.default_rng(recipe.sae.seed + 2)
     layers = sorted(caches)
     items = []

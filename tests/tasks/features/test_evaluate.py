@@ -91,7 +91,7 @@ def test_selfie_reports_the_scale_best_on_training_features_and_best_of_scales_p
         described.append(items)
         return {s: [f"{s}|{it.example_id}|{it.split}" for it in items] for s in scales}
 
-    def fake_score(items, descriptions, caches, texts, simulator=None):
+    def fake_score(items, descriptions, simulator=None):  # the faked truths below are the items themselves
         out = []
         for it, desc in zip(items, descriptions, strict=True):
             scale, example_id, split = desc.split("|") if "|" in desc else (None, it.example_id, it.split)
@@ -105,6 +105,7 @@ def test_selfie_reports_the_scale_best_on_training_features_and_best_of_scales_p
 
     monkeypatch.setattr(ev, "selfie_descriptions", fake_selfie)
     monkeypatch.setattr(ev, "score_items", fake_score)
+    monkeypatch.setattr(ev, "exemplar_truth", lambda items, caches, texts: items)
     monkeypatch.setattr(ev, "act_items", lambda *a: [])
     monkeypatch.setattr(ev, "delta_items", lambda *a: [])
     monkeypatch.setattr(ev, "ContextTexts", lambda root, key: None)
@@ -218,3 +219,22 @@ def test_delta_items_are_the_difference_of_the_two_prompts_last_token_states(tmp
         np.testing.assert_allclose(it.vector, hidden[0] - hidden[1], rtol=1e-5, atol=1e-5)
         assert it.contexts == caches[it.layer].top_contexts(it.vector, 2) and it.split == "ood_delta"
     assert delta_items(_eval_recipe(tmp_path, delta_act_per_layer=0), caches, k=2) == []
+
+
+def test_each_items_truth_is_computed_once_and_scores_every_description_by_hand():
+    """Context 7 holds positions 1..3 with h·v = 2, -1, 1: true activations [2, 0, 1] on " cat", " dog", " cow".
+    Naming " cat" predicts [1, 0, 0]: corr = 1 / sqrt(2/3 · 2) = √3/2; naming no stored token scores 0."""
+    from tasks.features.evaluate import exemplar_truth, score_items
+    from tasks.features.ground_truth import LayerCache
+
+    cache = LayerCache.__new__(LayerCache)  # the one context a real cache would hold, without a store
+    cache.x = np.array([[2.0, 5.0], [-1.0, 5.0], [1.0, 5.0]], dtype=np.float16)
+    cache.position, cache.rows = np.array([1, 2, 3]), {7: (0, 3)}
+    texts = SimpleNamespace(tokens=lambda c: {7: ["<s>", " cat", " dog", " cow"]}[c])
+    calls = []
+    cache.true_acts = lambda v, c, real=cache.true_acts: calls.append(c) or real(v, c)
+    item = EvalItem("f", 3, np.array([1.0, 0.0], dtype=np.float32), [7], None, "test")
+    (truth,) = exemplar_truth([item], {3: cache}, texts)
+    assert truth.tokens == [[" cat", " dog", " cow"]] and truth.acts[0].tolist() == [2.0, 0.0, 1.0]
+    scores = score_items([truth] * 2, ['the token " cat"', 'the token " owl"'])
+    assert scores == pytest.approx([3**0.5 / 2, 0.0]) and calls == [7]
