@@ -80,7 +80,8 @@ def frozen_base(model: str, queries: list[ex.Query], new: int, rounds: int) -> N
     if e.lm.runtime.autocast is None:
         print("no autocast on this CPU: the frozen base is stored as loaded, nothing to compare")
         return
-    linears = [m for m in e.lm.model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    linears = [m for block in models.decoder_layers(e.lm.model) for m in block.modules()
+               if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]  # fmt: skip
     times: dict[str, list[float]] = {"stored_bf16": [], "as_loaded": []}
     outputs = {}
     for _ in range(rounds):
