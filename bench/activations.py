@@ -121,7 +121,7 @@ def rss_child(model: str, contexts: int, context_length: int, layers: list[int],
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-    lm = models.load(ModelConfig(name=model))
+    lm = models.load(ModelConfig(name=model), frozen=True)
     gc.collect()
     loaded, peak, done = rss_mib(), [0.0], threading.Event()
 
@@ -172,7 +172,7 @@ def main() -> None:
         args.contexts, args.rounds = 64, 2
 
     torch.manual_seed(0)
-    lm = models.load(ModelConfig(name=args.model))
+    lm = models.load(ModelConfig(name=args.model), frozen=True)  # as the cache stage loads it
     root = Path(tempfile.mkdtemp(prefix="selfexplain-bench-"))
     n_tokens = args.contexts * args.context_length
     corpus_cfg = CorpusConfig(n_tokens=n_tokens, context_length=args.context_length)
