@@ -295,7 +295,7 @@ def explain_patch(ck: Checkpoint, recipe: ExplainRecipe) -> list[dict[str, Any]]
     chunk-mean residual of x' at `counterfactual_position` (v exactly as the sweep computes it), and with
     `check` the real outcome of that patch on the target beside it."""
     from tasks.outcomes.answers import target
-    from tasks.patching.sweep import all_layers, next_tokens
+    from tasks.patching.sweep import all_layers, clean_run, next_tokens
     from tasks.patching.task import PATCHING
 
     root = store_root(recipe.home)
@@ -309,9 +309,9 @@ def explain_patch(ck: Checkpoint, recipe: ExplainRecipe) -> list[dict[str, Any]]
     out = {"chunk": recipe.chunk, "layers": f"{layers[0]}-{layers[-1]}", "position": t, "token": decode(ids[t]),
            "counterfactual_token": decode(ids_p[t_p])}  # fmt: skip
     if recipe.check:
-        clean = next_tokens(lm, ids, None, 1)[0]
-        patched = next_tokens(lm, ids, [(layers, t, v)], 1)[0]
-        out["real_outcome"] = target(patched != clean, decode(patched))
+        clean = clean_run(lm, ids)
+        patched = next_tokens(lm, ids, [(layers, t, v)], 1, clean=clean)[0]
+        out["real_outcome"] = target(patched != clean.token, decode(patched))
     del lm
     explainer = ex.Explainer.load(ck.path)
     (query,) = PATCHING.queries([row], "trained", explainer.cfg.seed, with_answer=False)

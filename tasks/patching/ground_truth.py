@@ -30,7 +30,7 @@ from tasks.common.models import LoadedModel
 from tasks.common.orchestration import progress_reporter
 from tasks.outcomes.facts import Fact, load_facts
 from tasks.patching.config import PatchingConfig, PatchingRecipe
-from tasks.patching.sweep import all_layers, next_tokens
+from tasks.patching.sweep import all_layers, clean_run, next_tokens
 
 STAGE = "patching_gt"
 STAGE_VERSION = 4  # 2: the sweep shares the clean prefix (bf16 rounding of labels may differ from 1); 3: the
@@ -194,10 +194,11 @@ def sweep_pair(
         rest = [a for a in aligned if types[a[0]] == "other"]
         aligned = sorted(must + rng.sample(rest, max(0, cfg.positions_per_pair - len(must))))
     h_prime = all_layers(lm, tp.ids)  # [n_layers, T', d]
-    clean = next_tokens(lm, tx.ids, None, 1)[0]
+    clean_x = clean_run(lm, tx.ids)  # x's greedy next token, and what every patched copy starts from
+    clean = clean_x.token
     sweep = [(chunk, t, tprime) for chunk in chunks for t, tprime in aligned]
     patches = [(chunk, t, h_prime[chunk, tprime].mean(0)) for chunk, t, tprime in sweep]
-    patched = next_tokens(lm, tx.ids, patches, cfg.batch_size)
+    patched = next_tokens(lm, tx.ids, patches, cfg.batch_size, clean=clean_x)
     tok = lm.tokenizer
     strings = tok.convert_ids_to_tokens(tx.ids)
     decode = lambda i: tok.decode([i])  # noqa: E731

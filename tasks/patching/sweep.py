@@ -110,18 +110,19 @@ SHARE = ("all", "prefix", "none")  # what a patched batch takes from the clean r
 
 @torch.inference_mode()
 def next_tokens(lm: LoadedModel, ids: list[int], patches: list[Patch] | None, batch_size: int,
-                share: str = "all") -> list[int]:  # fmt: skip
+                share: str = "all", clean: CleanRun | None = None) -> list[int]:  # fmt: skip
     """Greedy next-token ids of x: clean (patches None) or one per patch, in batches of up to `batch_size`
     in order of position. `share` "all": one chunk per batch, started from the clean prefix's KV cache and at
     the chunk's first block from the clean residual (module docstring); "prefix": the KV cache only, chunks
     mixed in a batch; "none": every row through every block over all of ids. The last two are the references
-    the benchmark and the tests compare with."""
+    the benchmark and the tests compare with. `clean`: x's clean run, when the caller has it already."""
     if share not in SHARE:
         raise ValueError(f"share {share!r} is not one of {SHARE}")
     if patches is None:
-        return [clean_run(lm, ids).token]
+        return [(clean or clean_run(lm, ids)).token]
     device = lm.runtime.device
-    clean = clean_run(lm, ids) if share == "all" else None
+    if share == "all":
+        clean = clean or clean_run(lm, ids)
     by_chunk = share == "all"
     order = sorted(range(len(patches)), key=lambda i: (patches[i][0][0] if by_chunk else 0, patches[i][1]))
 

@@ -52,6 +52,8 @@ def test_a_batch_of_one_chunk_runs_no_block_below_it_and_labels_equal_every_refe
     assert fast == one_by_one and len(set(fast)) >= 3
     assert all(next_tokens(lm, ids, patches, 3, share=s) == one_by_one for s in SHARE)  # batches that split a chunk
     assert next_tokens(lm, ids, None, 1) == [clean_run(lm, ids).token]
+    assert next_tokens(lm, ids, patches, 8, clean=clean_run(lm, ids)) == one_by_one  # the caller's clean run...
+    assert next_tokens(lm, ids, patches, 8, clean=clean_run(lm, ids[::-1])) != one_by_one  # ...is the one used
     with pytest.raises(ValueError, match="share 'some' is not one of"):
         next_tokens(lm, ids, patches, 8, share="some")
 
