@@ -151,7 +151,7 @@ class Explainer(nn.Module):
         self.lm, self.cfg = lm, cfg
         self.tokenizer = lm.tokenizer
         self.chat = cfg.format == "chat" or (cfg.format == "auto" and lm.tokenizer.chat_template is not None)
-        text_only = d_target is None
+        self.text_only = text_only = d_target is None
         d_target = lm.d_model if text_only else d_target
         self.d_target, self.n_target_layers = d_target, n_target_layers
         self._add_span_tokens()
@@ -544,6 +544,7 @@ class Explainer(nn.Module):
         meta = {
             "config": self.cfg.model_dump(),
             "d_target": self.d_target,
+            "text_only": self.text_only,  # built with d_target None: no Π fit, no layer statistics to reload
             "n_target_layers": self.n_target_layers,
             "rotation_seed": self.rotation_seed,
             "base": self.lm.resolved.identity,
@@ -572,18 +573,19 @@ class Explainer(nn.Module):
         meta = cls.meta(path)
         cfg = ExplainerConfig.model_validate(meta["config"])
         rotation = meta.get("rotation_seed")  # absent in checkpoints from before the control
+        d_target = None if meta.get("text_only") else meta["d_target"]
         if device_override:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device_override})})
         if cfg.finetune == "full":
             model_cfg = cfg.model.model_copy(update={"name": str(path / "model")})
             lm = models.load(model_cfg, frozen=True)
-            explainer = cls(lm, meta["d_target"], meta["n_target_layers"], cfg, rotation)
+            explainer = cls(lm, d_target, meta["n_target_layers"], cfg, rotation)
         else:
             from peft import PeftModel
 
             lm = models.load(cfg.model)
             full = cfg.model_copy(update={"finetune": "full"})
-            explainer = cls(lm, meta["d_target"], meta["n_target_layers"], full, rotation)
+            explainer = cls(lm, d_target, meta["n_target_layers"], full, rotation)
             explainer.cfg = cfg
             explainer.model = PeftModel.from_pretrained(lm.model, path / "model").to(lm.runtime.device)
             models.store_frozen_linears(lm.model, lm.runtime)

@@ -424,3 +424,16 @@ def test_rotated_basis_writes_qv_and_a_checkpoint_keeps_q(tmp_path):
     again = Explainer.load(tmp_path / "ckpt")
     assert again.rotation_seed == 11 and torch.equal(again.rotation, ex.rotation)
     torch.testing.assert_close(_logits(again, b), _logits(ex, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [{"injection": "residual", "vector_norm": "layer_mean"}, {"projection": "fitted"}])
+def test_a_text_only_explainer_reloads_as_text_only(tmp_path, settings):
+    """The '- activation' explainer of a recipe whose explainers read v through layer statistics or a fitted Π:
+    built without a vector width, it has neither to save, and its checkpoint must not ask for them."""
+    ex = make_explainer(d_target=None, **settings)
+    assert ex.text_only and not ex.on_manifold and not ex.fitted
+    ex.save(tmp_path / "ckpt")
+    again = Explainer.load(tmp_path / "ckpt")
+    assert again.text_only and not again.on_manifold and not again.fitted
+    q = [Query(None, 0, "What does this feature encode at layer 1?", None)]
+    assert again.generate(q, max_new_tokens=6, batch_size=1) == ex.generate(q, max_new_tokens=6, batch_size=1)
