@@ -191,18 +191,39 @@ def write_sae_layer(
     return {**metrics, "tokens": float(len(x)), "d_sae": float(d_sae)}
 
 
-def exemplars_sql(files: list[str], n_exemplars: int, relation: str | None = None) -> str:
+def exemplars_sql(
+    files: list[str], n_exemplars: int, relation: str | None = None, candidates: int | None = None
+) -> str:
     """Per (layer, feature): the top contexts by max activation, with the position of that max, over the
-    `feature_activations` shards `files` (or a SQL `relation` of the same columns)."""
+    `feature_activations` shards `files` (or a SQL `relation` of the same columns).
+
+    Why not group every row by (layer, feature, context) and rank: at 10M rows that makes ~9M groups, and the
+    hash aggregate and the window over them are nearly all of the time (BENCHMARKS.md). Instead each feature's
+    `candidates` largest values (default 4 × n_exemplars; a top-n aggregate over few groups) give a threshold t,
+    and only rows ≥ t are grouped by context. That is exact whenever they span ≥ n_exemplars contexts: every
+    context whose max is ≥ t keeps its max row, and every context left out has its max < t, below all of them.
+    A feature whose candidate rows span fewer contexts (a feature that fires in bursts) is grouped in full."""
+    source = relation or f"read_parquet({files})"
+    k, m = int(n_exemplars), int(candidates or 4 * n_exemplars)
     return f"""
-        with per_context as (
+        with threshold as (
+            select layer, feature_id, list_min(max(value, {m})) as t from {source} group by all
+        ),
+        candidate as (
             select layer, feature_id, context_id, max(value) as max_value, arg_max(position, value) as max_position
-            from {relation or f"read_parquet({files})"} group by all
+            from {source} join threshold using (layer, feature_id) where value >= t group by all
+        ),
+        bursty as (select layer, feature_id from candidate group by all having count(*) < {k}),
+        per_context as (
+            select * from candidate anti join bursty using (layer, feature_id)
+            union all
+            select layer, feature_id, context_id, max(value), arg_max(position, value)
+            from {source} semi join bursty using (layer, feature_id) group by all
         )
         select layer, feature_id, context_id, max_value, max_position,
                row_number() over (partition by layer, feature_id order by max_value desc, context_id) as rank
         from per_context
-        qualify rank <= {int(n_exemplars)}
+        qualify rank <= {k}
         order by layer, feature_id, rank
         """
 

@@ -1,3 +1,4 @@
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -6,7 +7,14 @@ import torch
 from storage.errors import UserInputError
 from storage.store import Dataset
 from tasks.features.config import SAETrainConfig
-from tasks.features.sae import encode, layer_activations, layer_seed, train_topk_sae, write_exemplars
+from tasks.features.sae import (
+    encode,
+    exemplars_sql,
+    layer_activations,
+    layer_seed,
+    train_topk_sae,
+    write_exemplars,
+)
 
 
 def _sparse_data(n=6000, d=16, n_atoms=24, active=2, seed=0):
@@ -118,3 +126,22 @@ def test_exemplars_are_each_features_top_k_contexts_by_max_activation(home):
     # (cut by k = 3); feature 2 has one context; layer 3's feature 0 is its own feature
     assert got == [(1, 0, 4, 5.0, 1, 1), (1, 0, 10, 5.0, 7, 2), (1, 0, 6, 3.0, 9, 3), (1, 2, 4, 0.25, 5, 1),
                    (3, 0, 4, 9.0, 2, 1), (3, 0, 8, 1.0, 3, 2)]  # fmt: skip
+
+
+def test_exemplars_from_candidate_rows_equal_the_full_grouping(home):
+    """k = 2 with 2 candidate rows per feature: feature 1's top-2 values (6.0, 4.0) lie in two contexts, so its
+    rows ≥ 4.0 decide; feature 0's (9.0, 8.0) both lie in context 5, so it is grouped in full."""
+    fa = Dataset(home, "feature_activations", "k")
+    fa.create({})
+    rs = [(0, 5, 1, 9.0), (0, 5, 2, 8.0), (0, 6, 3, 3.0), (0, 7, 4, 2.0),
+          (1, 1, 1, 1.0), (1, 2, 2, 6.0), (1, 3, 5, 4.0), (1, 3, 6, 0.5)]  # fmt: skip
+    cols = list(zip(*rs, strict=True))
+    fa.write_shard(0, pa.table({
+        "layer": pa.array([1] * len(rs), pa.int16()), "feature_id": pa.array(cols[0], pa.int32()),
+        "context_id": pa.array(cols[1], pa.int64()), "position": pa.array(cols[2], pa.int32()),
+        "token_id": pa.array([0] * len(rs), pa.int32()), "value": pa.array(cols[3], pa.float32()),
+    }))  # fmt: skip
+    files = [str(p) for p in fa.shard_files()]
+    got = duckdb.sql(exemplars_sql(files, 2, candidates=2)).fetchall()
+    assert got == [(1, 0, 5, 9.0, 1, 1), (1, 0, 6, 3.0, 3, 2), (1, 1, 2, 6.0, 2, 1), (1, 1, 3, 4.0, 5, 2)]
+    assert got == duckdb.sql(exemplars_sql(files, 2, candidates=len(rs))).fetchall()  # every row a candidate
