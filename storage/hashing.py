@@ -11,7 +11,9 @@ def canonical_json(obj: Any) -> str:
     """Deterministic JSON: sorted keys, no whitespace; pydantic models (at any depth) become their fields,
     less those marked `json_schema_extra={"affects_results": False}` (resource knobs such as a GPU memory
     cap): changing one of those must not move a result to a new cache key. A renamed field keeps its old
-    name in hashes with `json_schema_extra={"hashed_as": "<old name>"}`, so its results keep their keys."""
+    name in hashes with `json_schema_extra={"hashed_as": "<old name>"}`, so its results keep their keys, and a
+    field added later with `json_schema_extra={"hashed_unless_default": True}` is left out while it holds its
+    default, so adding an option moves no result that does not use it."""
     return json.dumps(_hashable(obj), sort_keys=True, separators=(",", ":"), default=str)
 
 
@@ -24,7 +26,8 @@ def _hashable(obj: Any) -> Any:
         }
         return {extra[name].get("hashed_as", name): _hashable(getattr(obj, name))
                 if isinstance(getattr(obj, name), BaseModel | dict | list) else dumped[name]
-                for name in fields if extra[name].get("affects_results") is not False}  # fmt: skip
+                for name in fields if extra[name].get("affects_results") is not False
+                and not (extra[name].get("hashed_unless_default") and getattr(obj, name) == fields[name].default)}  # fmt: skip
     if isinstance(obj, dict):
         return {k: _hashable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

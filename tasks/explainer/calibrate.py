@@ -62,6 +62,9 @@ class Item:
 
 def check_recipe(recipe: CalibrateRecipe) -> CachePlan:
     """Validate before anything runs: the cache part, the explainer's model, the injection site."""
+    if recipe.explainer.readout_steps:
+        raise UserInputError("explainer.readout_steps", "calibration is the readout itself: a warm-up on it "
+                             "would train on what it tests", "set it to 0")  # fmt: skip
     plan = plan_cache(recipe.cache_recipe())
     try:
         models.resolve(recipe.explainer.model)

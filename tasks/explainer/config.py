@@ -99,6 +99,16 @@ class ExplainerConfig(StrictModel):
         le=MAX_ITEMS,
         description="Validations in a row without a new best that stop training (after min_steps).",
     )
+    readout_steps: int = Field(
+        0,
+        ge=0,
+        le=MAX_ITEMS,
+        description="Features only: optimizer steps of a label-free warm-up before training, in which the "
+        "explainer names the token under a cached residual of the target (the token t, as calibrate's "
+        "readout, asked in the features prompts; token types drawn uniformly, batch_size new items a step), so "
+        "it learns to read v before it learns to describe; 0: none. Labelled features (n_train) are unchanged.",
+        json_schema_extra={"hashed_unless_default": True},
+    )
     proj_lr: float | None = Field(
         None, gt=0, description="Learning rate of the projections Π_ℓ; null: lr. New, so often worth more than lr."
     )

@@ -562,10 +562,11 @@ class Explainer(nn.Module):
     def step_counts(path: Path) -> list[tuple[str, float]]:
         """(metric, value) rows every evaluation reports with a trained explainer: `train_steps`, the optimizer
         steps run, and `best_step`, the step of the best validation, whose weights the checkpoint keeps
-        (absent from checkpoints written before it was recorded)."""
+        (absent from checkpoints written before it was recorded), and `readout_steps`, the label-free warm-up's
+        steps before them (where a checkpoint records it)."""
         meta = Explainer.meta(path)
-        return [(name, float(meta[key])) for name, key in (("train_steps", "steps"), ("best_step", "best_step"))
-                if key in meta]  # fmt: skip
+        names = (("train_steps", "steps"), ("best_step", "best_step"), ("readout_steps", "readout_steps"))
+        return [(name, float(meta[key])) for name, key in names if key in meta]
 
     @classmethod
     def load(cls, path: Path, device_override: str | None = None) -> "Explainer":

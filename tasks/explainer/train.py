@@ -68,10 +68,12 @@ def train(
     val_set: Sequence[Query],
     progress=None,
     state_path: Path | None = None,
+    steps: int | None = None,
 ) -> TrainResult:
     """AdamW at a constant LR for `step_budget` steps; validation every `eval_every` steps (each epoch by
     default). Once past `min_steps`, `patience` validations in a row without a new best stop the run; the
-    weights of the best validation are kept.
+    weights of the best validation are kept. `steps`: exactly that many steps instead, with no validation
+    before the last (the readout warm-up, which keeps its final weights).
 
     With `state_path`, the loop saves its whole state at every validation (trainable weights, optimiser, the
     data order of the current epoch and the torch RNG, losses, the best weights) and a restarted run resumes
@@ -83,7 +85,8 @@ def train(
         raise UserInputError("explainer", "no training examples", "give the stage more ground truth")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    total, eval_every = step_budget(cfg, len(train_set))
+    total, eval_every = (steps, steps) if steps else step_budget(cfg, len(train_set))
+    min_steps = steps or cfg.min_steps
     proj = [p for p in ([explainer.proj] if explainer.proj is not None else []) if p.requires_grad]
     rest = [p for p in explainer.parameters() if p.requires_grad and all(p is not q for q in proj)]
     groups = [{"params": rest}] + ([{"params": proj, "lr": cfg.proj_lr or cfg.lr}] if proj else [])
@@ -121,7 +124,7 @@ def train(
                 if log["epoch_step"] == len(epoch):  # the next epoch's order starts from here
                     log["epoch"], log["epoch_step"], log["epoch_rng"] = log["epoch"] + 1, 0, rng.getstate()
                 if log["steps"] % eval_every == 0 or log["steps"] == total:
-                    _validate(explainer, val_set, log, cfg.min_steps, cfg.patience)
+                    _validate(explainer, val_set, log, min_steps, cfg.patience)
                     if state_path is not None:
                         _save_train_state(state_path, explainer, opt, log)
                     explainer.model.train()
@@ -180,6 +183,32 @@ def evaluate_loss(explainer: Explainer, queries: Sequence[Query], batch_size: in
     return total / max(count, 1)
 
 
+def warm_up(
+    explainer: Explainer,
+    readout: Callable[["Explainer", int], Sequence[Query]],
+    out: Dataset | None = None,
+    progress=None,
+) -> float:
+    """The readout warm-up: `readout_steps` steps on `readout(explainer, readout_steps × batch_size)`, one pass.
+    With `out`, its trainable weights are read from there when a run already wrote them (under the dataset's
+    lock: a second writer waits, then reads), else written there. Returns the warm-up's last training loss."""
+    cfg = explainer.cfg
+    if out is None:
+        return train(explainer, readout(explainer, cfg.readout_steps * cfg.batch_size), [], progress,
+                     steps=cfg.readout_steps).train_loss[-1]  # fmt: skip
+    with out.lock():
+        if not out.complete_or_invalidate():
+            out.create({"stage": "readout", "config": cfg.model_dump()})
+            loss = warm_up(explainer, readout, None, progress)
+            aside = out.path / f".weights.tmp-{os.getpid()}"
+            torch.save(_trainable_weights(explainer), aside)
+            aside.replace(out.path / "weights.pt")
+            out.mark_complete({"readout_steps": cfg.readout_steps, "readout_loss": loss})
+            return loss
+    explainer.load_state_dict({**explainer.state_dict(), **torch.load(out.path / "weights.pt", weights_only=True)})
+    return out.summary()["readout_loss"]
+
+
 def train_to_checkpoint(
     out: Dataset,
     cfg: ExplainerConfig,
@@ -191,12 +220,17 @@ def train_to_checkpoint(
     rotation_seed: int | None = None,
     fit: Callable[["Explainer"], "ProjectionFit"] | None = None,
     stats: Callable[[], "LayerStats"] | None = None,
+    readout: Callable[["Explainer", int], Sequence[Query]] | None = None,
+    readout_out: Dataset | None = None,
 ) -> dict[str, Any]:
     """Train an explainer of a target (width d_target) on `make_queries(explainer)` (a seeded `val_fraction`
     held out for early stopping); write its checkpoint and loss history under `out`; mark it complete.
     rotation_seed: the rotated-basis control (see Explainer). fit: under projection 'fitted', the fitted Π
     of this explainer (tasks/explainer/projection.py), installed before training. stats: under vector_norm 'layer_mean',
-    the target's residual statistics (tasks/explainer/projection.py), saved with the checkpoint."""
+    the target's residual statistics (tasks/explainer/projection.py), saved with the checkpoint. readout: under
+    `readout_steps`, `readout(explainer, n)` gives the warm-up's n queries, trained on once each before the run
+    (skipped when the run resumes: its saved weights already hold the warm-up). readout_out: where the warm-up's
+    weights are kept (`warm_up`), so every n_train of a grid starts from the one warm-up it shares."""
     explainer = Explainer(models.load(cfg.model), d_target, n_target_layers, cfg, rotation_seed)
     if explainer.fitted:
         if fit is None:
@@ -215,6 +249,10 @@ def train_to_checkpoint(
     n_val = int(round(cfg.val_fraction * len(queries)))
     out.create({"stage": "explainer", "config": cfg.model_dump(), **meta})
     state = out.path / "_train_state.pt"  # resume point at each validation; removed once the checkpoint is written
+    if readout is not None and cfg.readout_steps:
+        meta = {**meta, "readout_steps": cfg.readout_steps}
+        if not state.exists():
+            meta = {**meta, "readout_loss": warm_up(explainer, readout, readout_out, progress)}
     result = train(explainer, [queries[i] for i in order[n_val:]], [queries[i] for i in order[:n_val]], progress,
                    state)  # fmt: skip
     # Written aside, then moved into place: a save killed midway (the tokenizer and safetensors writers leave

@@ -53,6 +53,9 @@ def check_recipe(recipe: OutcomeRecipe) -> None:
         if explainer.projection == "fitted" and not task.carries_vector:
             raise UserInputError(f"explainers.{role}.projection", f"'fitted' maps a vector, and {task.name} "
                                  "questions carry none", "use projection 'auto'")  # fmt: skip
+        if explainer.readout_steps:
+            raise UserInputError(f"explainers.{role}.readout_steps", "the readout warm-up names tokens at the "
+                                 f"features task's cached residuals, which {task.name} has none of", "set it to 0")  # fmt: skip
         if explainer.vector_norm == "layer_mean" and not task.carries_vector:
             raise UserInputError(f"explainers.{role}.vector_norm", f"'layer_mean' writes a vector, and {task.name} "
                                  "questions carry none", "use 'match'")  # fmt: skip

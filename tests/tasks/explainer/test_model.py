@@ -1,8 +1,11 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from storage.errors import UserInputError
+from storage.store import Dataset
 from tasks.common import models
 from tasks.explainer.config import ExplainerConfig
 from tasks.explainer.model import SPAN, Explainer, Query, basis_rotation, check_injection, shuffled_donors
@@ -437,3 +440,55 @@ def test_a_text_only_explainer_reloads_as_text_only(tmp_path, settings):
     assert again.text_only and not again.on_manifold and not again.fitted
     q = [Query(None, 0, "What does this feature encode at layer 1?", None)]
     assert again.generate(q, max_new_tokens=6, batch_size=1) == ex.generate(q, max_new_tokens=6, batch_size=1)
+
+
+def test_the_readout_warm_up_trains_its_steps_before_the_run_and_is_recorded(tmp_path):
+    from tasks.explainer.train import train_to_checkpoint
+
+    rng = np.random.default_rng(6)
+    qs = [Query(rng.normal(size=64).astype(np.float32), 1, f"What does {SPAN} encode at layer 1?", a)
+          for a in ("cats", "dogs", "fish", "owls")]  # fmt: skip
+    warm = [Query(rng.normal(size=64).astype(np.float32), 1, f"What does {SPAN} encode at layer 1?", f'the token "{t}"')
+            for t in "abcdef"]  # fmt: skip
+    asked = []
+
+    def readout(e: Explainer, n: int) -> list[Query]:
+        asked.append(n)
+        return warm[:n]
+
+    def run(key: str, readout_out: Dataset | None = None, **cfg) -> tuple[dict, Path]:
+        settings = {"model": models.ModelConfig(name="tiny-llama", autocast="none"), "finetune": "full",
+                    "vector_norm": "raw", "lr": 3e-3, "epochs": 1, "batch_size": 2, "val_fraction": 0.0, **cfg}  # fmt: skip
+        out = Dataset(tmp_path, "explainers", key)
+        summary = train_to_checkpoint(out, ExplainerConfig(**settings), 64, 4, lambda e: qs, {"role": "self"},
+                                      readout=readout, readout_out=readout_out)  # fmt: skip
+        return summary, out.path / "checkpoint"
+
+    plain, plain_at = run("plain")
+    assert asked == [] and "readout_steps" not in plain
+    warmed, warmed_at = run("warmed", readout_steps=3)
+    assert asked == [6]  # 3 steps of batch 2, each item once
+    assert warmed["steps"] == plain["steps"] == 2 and warmed["readout_steps"] == 3 and warmed["readout_loss"] > 0
+    assert ("readout_steps", 3.0) in Explainer.step_counts(warmed_at)
+    assert [name for name, _ in Explainer.step_counts(plain_at)] == ["train_steps", "best_step"]
+    plain_ex, warmed_ex = Explainer.load(plain_at), Explainer.load(warmed_at)
+    moved = [not torch.equal(a, b) for a, b in zip(plain_ex.state_dict().values(), warmed_ex.state_dict().values(),
+                                                    strict=True)]  # fmt: skip
+    assert any(moved)  # the same run after the warm-up ends elsewhere
+    # kept in a readouts dataset, the warm-up runs once: a second explainer (another n_train) starts from it
+    shared = Dataset(tmp_path, "readouts", "r")
+    first, first_at = run("first", shared, readout_steps=3)
+    second, second_at = run("second", shared, readout_steps=3)
+    assert asked == [6, 6] and first["readout_loss"] == second["readout_loss"] == warmed["readout_loss"]
+    for at in (first_at, second_at):  # the same weights as the warm-up run in place
+        for (name, a), b in zip(warmed_ex.state_dict().items(), Explainer.load(at).state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_a_fixed_step_budget_trains_exactly_that_many_steps():
+    rng = np.random.default_rng(2)
+    qs = [Query(rng.normal(size=64).astype(np.float32), 1, f"What does {SPAN} encode at layer 1?", a)
+          for a in ("cats", "dogs", "fish")]  # fmt: skip
+    e = make_explainer(lr=3e-3, epochs=1, min_steps=1, batch_size=1, val_fraction=0.0)
+    result = train(e, qs, [], steps=5)  # beyond one epoch of 3 and the floor of 1
+    assert (result.steps, result.best_step, result.val_steps, result.epochs_run) == (5, 5, [5], 2)

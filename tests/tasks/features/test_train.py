@@ -5,7 +5,7 @@ import pytest
 
 from storage.errors import UserInputError
 from tasks.features.ground_truth import FeatureSet
-from tasks.features.train import training_subset
+from tasks.features.train import readout_set, training_subset
 
 
 def _features(n_train=10, n_test=3) -> FeatureSet:
@@ -39,3 +39,21 @@ def test_a_smaller_n_train_is_a_prefix_of_the_same_permutation_as_a_larger_one()
 def test_an_n_train_beyond_the_training_features_is_refused():
     with pytest.raises(UserInputError, match="eval.n_train: 11 exceeds the 10 labelled training features"):
         training_subset(_features(), 11, seed=0)
+
+
+def test_the_readout_set_names_the_token_under_each_centred_residual():
+    # layer 3: rows of tokens 5, 5, 6, 9 (9 has no name, so it is never drawn); layer 9: one row of token 6
+    h3 = np.array([[1, 0], [3, 0], [0, 2], [8, 8]], dtype=np.float16)
+    layers = {9: {"activation": np.array([[2, 2]], dtype=np.float16), "token_id": np.array([6])},
+              3: {"activation": h3, "token_id": np.array([5, 5, 6, 9])}}  # fmt: skip
+    vectors, at, labels = readout_set(layers, {5: "a", 6: 'b"'}, 6, seed=0)
+    assert at == [3, 9, 3, 9, 3, 9]  # the layers take turns, in order
+    # h − μ of each token's rows, μ = (3, 2.5) the mean of all four layer-3 rows (token 9's too)
+    allowed = {'the token "a"': [[-2, -2.5], [0, -2.5]], 'the token "b\\""': [[-3, -0.5]]}
+    for v, layer, label in zip(vectors, at, labels, strict=True):
+        if layer == 9:  # one row, so μ is that row: the centred residual is 0
+            assert label == 'the token "b\\""' and v.tolist() == [0, 0]
+        else:
+            assert v.tolist() in allowed[label]
+    assert vectors.dtype == np.float32 and vectors.shape == (6, 2)
+    assert readout_set(layers, {5: "a", 6: 'b"'}, 6, seed=0)[2] == labels  # seeded
