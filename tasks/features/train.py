@@ -84,9 +84,13 @@ def hashed_name(role: str, variant: str) -> str:
 
 
 def explainer_key(recipe: FeaturesRecipe, gt_key: str, role: str, variant: str) -> str:
-    """Key of an explainer: its ground truth, config, variant and n_train."""
+    """Key of an explainer: its ground truth, config, variant and n_train. A '- activation' explainer never warms
+    up (it has no vector to read), so its key leaves readout_steps out: changing the warm-up does not retrain it."""
+    cfg = recipe.explainers[role]
+    if variant == "no_activation":
+        cfg = cfg.model_copy(update={"readout_steps": type(cfg).model_fields["readout_steps"].default})
     return config_hash("explainer", STAGE_VERSION, {"gt": gt_key, "role": hashed_name(role, variant),
-                                                    "cfg": recipe.explainers[role], "n_train": recipe.eval.n_train})  # fmt: skip
+                                                    "cfg": cfg, "n_train": recipe.eval.n_train})  # fmt: skip
 
 
 def explainer_dataset(recipe: FeaturesRecipe, plan: CachePlan, gt_key: str, role: str, variant: str) -> Dataset:

@@ -5,7 +5,8 @@ import pytest
 
 from storage.errors import UserInputError
 from tasks.features.ground_truth import FeatureSet
-from tasks.features.train import readout_set, training_subset
+from tasks.features.train import explainer_key, readout_set, training_subset
+from tests.factories import tiny_features_recipe
 
 
 def _features(n_train=10, n_test=3) -> FeatureSet:
@@ -57,3 +58,15 @@ def test_the_readout_set_names_the_token_under_each_centred_residual():
             assert v.tolist() in allowed[label]
     assert vectors.dtype == np.float32 and vectors.shape == (6, 2)
     assert readout_set(layers, {5: "a", 6: 'b"'}, 6, seed=0)[2] == labels  # seeded
+
+
+def test_the_warm_up_moves_the_key_of_every_explainer_that_reads_a_vector_and_not_of_the_text_only_one(tmp_path):
+    recipe = tiny_features_recipe(tmp_path, tmp_path / "corpus.txt")
+    warmed = recipe.explainers["self"].model_copy(update={"readout_steps": 8})
+    warm = recipe.model_copy(update={"explainers": {**recipe.explainers, "self": warmed}})
+
+    def keys(r):
+        return {v: explainer_key(r, "gt", "self", v) for v in ("trained", "no_layer", "rotated_basis", "no_activation")}
+
+    before, after = keys(recipe), keys(warm)
+    assert {v for v in before if before[v] != after[v]} == {"trained", "no_layer", "rotated_basis"}
